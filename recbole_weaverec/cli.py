@@ -1,0 +1,35 @@
+"""The ``run_recbole_weaverec.py`` command."""
+import argparse
+import sys
+
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Train and evaluate a recbole-weaverec model or any RecBole model. Extra --key=value arguments "
+                    "override config files, as in RecBole. --eval_mode=uni29 scores the true item against 29 "
+                    "sampled ones (default: full ranking).")
+    p.add_argument("--model", "-m", default=None, help="model name (ours or RecBole's; recbole:NAME forces RecBole's)")
+    p.add_argument("--dataset", "-d", default=None, help="dataset name under data_path (default: toys-sample)")
+    p.add_argument("--config_files", default=None, help="space-separated YAML files")
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = build_parser().parse_known_args(argv)
+    from recbole_weaverec.config import ConfigError
+    from recbole_weaverec.quick_start import run
+    from recbole_weaverec.registry import UnknownModelError
+
+    files = args.config_files.split() if args.config_files else None
+    model = args.model
+    try:
+        if model is None and not files and not any(a.startswith("--model=") for a in extra):
+            from recbole_weaverec.quick_start import DEFAULT_MODEL
+            model = DEFAULT_MODEL
+        run(model=model, dataset=args.dataset, config_file_list=files, cmd_args=extra)
+    except (ConfigError, UnknownModelError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,116 @@
+"""The one place that makes RecBole 1.2.1 run on today's numpy / torch. Imported before RecBole.
+
+What it does, and why:
+- ``OMP_WAIT_POLICY=PASSIVE`` (if unset) before torch starts its thread pool: on small CPU machines the default
+  spin-waiting makes element-wise ops ~15x and LoRA training 4-5x slower.
+- numpy 2 removed ``np.float_``, ``np.complex_``, ``np.unicode_`` (RecBole's ``Config.compatibility_settings`` reads
+  them to restore ``np.float`` & co., which RecBole's metrics and dataset code still use) and ``np.bool8`` (ray).
+  We add them back as aliases of the numpy 2 names; nothing else in numpy changes.
+- torch >= 2.6 loads checkpoints with ``weights_only=True``. RecBole's trainer pickles its whole ``Config`` (classes,
+  a YAML loader, enums) with pickle protocol 4 into every checkpoint, so reloading the best model fails. We keep safe
+  loading on: checkpoints are written with the config as a plain dict of str/number/list values (protocol 2), and the
+  few data types that RecBole models keep in ``other_parameter`` (numpy arrays, scipy sparse matrices) are
+  allow-listed with ``torch.serialization.add_safe_globals``. Loading a checkpoint never imports or runs model code.
+- Loading a checkpoint written for another model raises a one-line error naming both models (RecBole only warns,
+  then fails deep inside ``load_state_dict``).
+- ``recbole.quick_start`` imports ray (which needs ``pkg_resources``, i.e. setuptools<81); this package never imports
+  it, so ray is not needed at all.
+"""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+
+_NUMPY_ALIASES = {
+    "float_": np.float64,
+    "complex_": np.complex128,
+    "unicode_": np.str_,
+    "bool8": np.bool_,
+    "int_": np.int64,
+}
+for _name, _alias in _NUMPY_ALIASES.items():
+    if not hasattr(np, _name):
+        setattr(np, _name, _alias)
+# RecBole uses these removed aliases in module bodies that run before any Config exists (e.g. metrics).
+for _name, _alias in {"float": float, "int": int, "bool": bool, "long": np.int64, "object": object,
+                      "str": str, "complex": complex, "unicode": str}.items():
+    if _name not in np.__dict__:
+        setattr(np, _name, _alias)
+
+import torch  # noqa: E402
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+def _plain(value):
+    """Config value -> something torch's safe loader accepts (str / number / bool / None / list / dict)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+    if not self.config["single_spec"] and self.config["local_rank"] != 0:
+        return
+    saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+    state = {
+        "config": _plain(self.config.final_config_dict),
+        "epoch": epoch,
+        "cur_step": self.cur_step,
+        "best_valid_score": _plain(self.best_valid_score),
+        "state_dict": self.model.state_dict(),
+        "other_parameter": self.model.other_parameter(),
+        "optimizer": self.optimizer.state_dict(),
+    }
+    torch.save(state, saved_model_file)
+    if verbose:
+        from recbole.utils import set_color
+
+        self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+
+def check_checkpoint_model(checkpoint_file, model_name):
+    """Refuse a checkpoint written for another model (one line naming both)."""
+    saved = torch.load(checkpoint_file, map_location="cpu")["config"]["model"]
+    if str(saved).lower() != str(model_name).lower():
+        raise CheckpointMismatchError(
+            f"checkpoint {checkpoint_file} was saved by model {saved!r}, not {model_name!r}")
+
+
+def _patch_recbole_trainers():
+    import scipy.sparse as sp
+    from recbole.trainer import trainer as trainer_module
+
+    torch.serialization.add_safe_globals([
+        np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype, np.matrix,
+        *{type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")},
+        sp.csr_matrix, sp.csc_matrix, sp.coo_matrix,
+    ])
+    Trainer = trainer_module.Trainer
+    Trainer._save_checkpoint = _save_checkpoint
+    original_evaluate = Trainer.evaluate
+    original_resume = Trainer.resume_checkpoint
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if eval_data and load_best_model:
+            check_checkpoint_model(model_file or self.saved_model_file, self.config["model"])
+        return original_evaluate(self, eval_data, load_best_model, model_file, show_progress)
+
+    def resume_checkpoint(self, resume_file):
+        check_checkpoint_model(str(resume_file), self.config["model"])
+        return original_resume(self, resume_file)
+
+    Trainer.evaluate = evaluate
+    Trainer.resume_checkpoint = resume_checkpoint
+
+
+_patch_recbole_trainers()

@@ -1,0 +1,123 @@
+"""RecBole's Config, extended to find this package's properties/ and to take command-line overrides explicitly.
+
+Layers, lowest first (as in RecBole): RecBole's own properties -> ours (properties/overall.yaml, model/NAME.yaml,
+dataset/NAME.yaml or dataset/default.yaml) -> config files -> config_dict -> command-line ``--key=value``.
+Unlike RecBole, ``eval_args`` is merged key by key across the layers, so ``eval_args: {mode: uni29}`` keeps the
+leave-one-out split of the dataset's defaults instead of silently falling back to RecBole's random split.
+"""
+import os
+from pathlib import Path
+
+from recbole_weaverec import compat  # noqa: F401
+from recbole.config import Config
+
+PROPERTIES = Path(__file__).resolve().parent.parent / "properties"
+DEFAULT_DATA_PATH = Path(__file__).resolve().parent.parent / "dataset"
+DEFAULT_DATASET = "toys-sample"
+MERGED_KEYS = ("eval_args",)  # dict-valued keys merged key by key instead of replaced
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: the message names the key, the value and what is allowed."""
+
+
+def parse_cmd_args(args):
+    """``['--k=v', ...]`` -> {k: 'v'} (values still strings; Config converts them as RecBole does)."""
+    out = {}
+    for arg in args or []:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not of the form --key=value")
+        key, value = arg[2:].split("=", 1)
+        if key in out and out[key] != value:
+            raise ConfigError(f"argument --{key} given twice with different values ({out[key]!r}, {value!r})")
+        out[key] = value
+    return out
+
+
+def _merge(base, update):
+    out = dict(base)
+    for key, value in update.items():
+        if key in MERGED_KEYS and isinstance(out.get(key), dict) and isinstance(value, dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+class WeaveConfig(Config):
+    """``Config`` for our models and RecBole's: same constructor plus ``cmd_args`` (a list of ``--key=value``).
+
+    ``sys.argv`` is never read: the CLI passes its extra arguments explicitly, so the Python API behaves the same
+    inside pytest, notebooks or other programs.
+    """
+
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None):
+        self._cmd_args = parse_cmd_args(cmd_args)
+        for file in config_file_list or []:
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"config file not found: {file}")
+        super().__init__(model, dataset, config_file_list, config_dict)
+
+    def _load_cmd_line(self):
+        return self._convert_config_dict(dict(self._cmd_args))
+
+    def _merge_external_config_dict(self):
+        merged = {}
+        for layer in (self.file_config_dict, self.variable_config_dict, self.cmd_config_dict):
+            merged = _merge(merged, layer)
+        self.external_config_dict = merged
+
+    def _get_model_and_dataset(self, model, dataset):
+        from recbole_weaverec.registry import get_model_class
+
+        if model is None:
+            model = self.external_config_dict.get("model")
+            if model is None:
+                raise ConfigError("no model given: pass --model=NAME (or model: NAME in a config file)")
+        if dataset is None:
+            dataset = self.external_config_dict.get("dataset", DEFAULT_DATASET)
+        model_class = get_model_class(model)
+        return model_class.__name__, model_class, dataset
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        dataset_file = PROPERTIES / "dataset" / f"{dataset}.yaml"
+        if not dataset_file.is_file():
+            dataset_file = PROPERTIES / "dataset" / "default.yaml"
+        own = [PROPERTIES / "overall.yaml", dataset_file]
+        # our model defaults only for our own classes (RecBole's EASE keeps RecBole's EASE.yaml)
+        if model_class.__module__.startswith("recbole_weaverec."):
+            own.insert(1, PROPERTIES / "model" / f"{model}.yaml")
+        for file in own:
+            if file.is_file():
+                with open(file, encoding="utf-8") as f:
+                    import yaml
+
+                    layer = yaml.load(f.read(), Loader=self.yaml_loader) or {}
+                self.internal_config_dict = _merge(self.internal_config_dict, layer)
+                if file == dataset_file:
+                    self.parameters["Dataset"] += [k for k in layer if k not in self.parameters["Dataset"]]
+
+    def _get_final_config_dict(self):
+        final = _merge(self.internal_config_dict, self.external_config_dict)
+        if "data_path" not in self.external_config_dict:
+            final["data_path"] = str(DEFAULT_DATA_PATH)
+        # RecBole's overall.yaml samples a training negative, which its own CE-loss models (SASRec, GRU4Rec, ...)
+        # refuse; a user who did not ask for negatives gets none.
+        if final.get("loss_type") == "CE" and "train_neg_sample_args" not in self.external_config_dict:
+            final["train_neg_sample_args"] = None
+        # shortcut: eval_mode=uni29 (or full, pop100, ...) sets eval_args.mode
+        if final.get("eval_mode") is not None:
+            final["eval_args"] = {**final.get("eval_args", {}), "mode": final["eval_mode"]}
+        return final
+
+    def _set_default_parameters(self):
+        super()._set_default_parameters()
+        data_path = self.final_config_dict["data_path"]
+        if not os.path.isdir(data_path):
+            raise FileNotFoundError(
+                f"dataset {self.dataset!r} not found: no folder {data_path} (set data_path to the folder that "
+                f"holds {self.dataset}/{self.dataset}.inter)")
+        inter = os.path.join(data_path, f"{self.dataset}.inter")
+        if not os.path.isfile(inter):
+            raise FileNotFoundError(f"dataset {self.dataset!r} has no interaction file: {inter} not found")

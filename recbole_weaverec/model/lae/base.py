@@ -1,0 +1,131 @@
+"""Shared machinery of the closed-form linear autoencoders (EASE, RLAE, RDLAE, L3AE).
+
+A subclass implements ``solve(G)`` -> the item-item weight matrix B (n x n, zero diagonal) from the Gram matrix
+G = XᵀX, in place where it can: only one n x n matrix (plus a Cholesky factor while solving) is ever alive.
+Scores are X_u · B, computed on demand per batch of users.
+"""
+import numbers
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from recbole.model.abstract_recommender import GeneralRecommender
+from recbole.utils import InputType, ModelType
+
+from recbole_weaverec.config import ConfigError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+TIE_BREAKS = ("none", "random", "popularity")
+TEST_HISTORIES = ("train", "train_valid")
+TIE_EPS = 1e-6  # relative to a user's largest |score|: far below any real score gap, above float32 rounding of ties
+
+
+def check_number(config, key, low=None, high=None, low_open=False, high_open=False):
+    """One-line error naming the key, the bad value and the allowed range."""
+    value = config[key]
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    allowed = f"a number in {lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{key}={value!r} ({type(value).__name__}) is not allowed: expected {allowed}")
+    bad = ((low is not None and (value < low or (low_open and value == low)))
+           or (high is not None and (value > high or (high_open and value == high))))
+    if bad:
+        raise ConfigError(f"{key}={value!r} is out of range: expected {allowed}")
+    return value
+
+
+def check_choice(config, key, choices):
+    value = config[key]
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not allowed: expected one of {', '.join(choices)}")
+    return value
+
+
+def solve_spd_inverse(A):
+    """(A)⁻¹ for a symmetric positive definite A, overwriting nothing the caller keeps."""
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:  # not positive definite (e.g. a negative regulariser): fall back to a general inverse
+        return torch.linalg.inv(A)
+    return torch.cholesky_inverse(L)
+
+
+class LinearAutoencoder(GeneralRecommender):
+    input_type = InputType.POINTWISE
+    type = ModelType.TRADITIONAL
+
+    @classmethod
+    def validate_config(cls, config):
+        check_choice(config, "lae_dtype", tuple(DTYPES))
+        check_choice(config, "tie_break", TIE_BREAKS)
+        check_choice(config, "test_history", TEST_HISTORIES)
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.validate_config(config)
+        self.config = config
+        self.dtype = DTYPES[config["lae_dtype"]]
+        self.tie_break = config["tie_break"]
+        self.test_history = config["test_history"]
+        self.dummy_param = torch.nn.Parameter(torch.zeros(1))  # RecBole's trainer needs one parameter
+
+        self.history = dataset.inter_matrix(form="csr").astype(np.float32)  # users x items, training rows
+        X = self.history
+        G = torch.from_numpy((X.T @ X).toarray()).to(device=self.device, dtype=self.dtype)
+        B = self.solve(G, dataset)
+        del G
+        B.fill_diagonal_(0.0)
+        # not persistent: recomputed from the data in __init__, so checkpoints stay small and pickle-free
+        self.register_buffer("item_similarity", B, persistent=False)
+        self.register_buffer("tie_order", self._tie_order(dataset, config["seed"]), persistent=False)
+
+    def solve(self, G, dataset):
+        raise NotImplementedError
+
+    def _tie_order(self, dataset, seed):
+        """A per-item value in [0, 1) added (scaled by TIE_EPS) to scores so that ties break reproducibly."""
+        n = self.n_items
+        if self.tie_break == "random":
+            gen = torch.Generator().manual_seed(int(seed))
+            order = torch.randperm(n, generator=gen).to(torch.float64)
+        elif self.tie_break == "popularity":
+            pop = np.asarray(self.history.sum(axis=0)).ravel()
+            rank = np.empty(n, dtype=np.float64)
+            rank[np.argsort(pop, kind="stable")] = np.arange(n)  # most popular gets the largest bonus
+            order = torch.from_numpy(rank)
+        else:
+            order = torch.zeros(n, dtype=torch.float64)
+        return (order / max(n, 1)).to(device=self.device, dtype=self.dtype)
+
+    def before_test(self, valid_data):
+        """``test_history: train_valid`` scores the test split from train + validation rows, as sequential models
+        see the validation item in their input (RecBole's default for general models is train only)."""
+        if self.test_history == "train_valid":
+            self.history = self.history + valid_data._dataset.inter_matrix(form="csr").astype(np.float32)
+            self.history.data[:] = np.minimum(self.history.data, 1.0)
+
+    def _user_scores(self, users):
+        rows = torch.from_numpy(self.history[users].toarray()).to(device=self.device, dtype=self.dtype)
+        scores = rows @ self.item_similarity
+        if self.tie_break != "none":
+            scale = scores.abs().amax(dim=1, keepdim=True).clamp_min(1.0) * TIE_EPS
+            scores = scores + scale * self.tie_order
+        return scores
+
+    def calculate_loss(self, interaction):
+        return torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self):
+        pass
+
+    def predict(self, interaction):
+        users = interaction[self.USER_ID].cpu().numpy()
+        items = interaction[self.ITEM_ID].to(self.device)
+        unique, inverse = np.unique(users, return_inverse=True)
+        scores = self._user_scores(unique)  # one row per distinct user in the batch
+        inverse = torch.from_numpy(inverse).to(self.device)
+        return scores[inverse, items].float()
+
+    def full_sort_predict(self, interaction):
+        users = interaction[self.USER_ID].cpu().numpy()
+        return self._user_scores(users).float().flatten()

@@ -1,0 +1,105 @@
+"""``run(model, dataset, config_file_list, config_dict)``: RecBole's run_recbole for our models and RecBole's."""
+import glob
+import logging
+import os
+import shutil
+from logging import getLogger
+
+from recbole_weaverec import compat  # noqa: F401
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import get_trainer, init_logger, init_seed, set_color
+
+from recbole_weaverec.config import WeaveConfig
+
+FULL_SORT_USERS_PER_BATCH = 256
+DEFAULT_MODEL = "EASE"  # the main job of the README; WeaveRec once it lands
+
+
+def build_config(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None):
+    config = WeaveConfig(model=model, dataset=dataset, config_file_list=config_file_list,
+                         config_dict=config_dict, cmd_args=cmd_args)
+    validate = getattr(config.model_class, "validate_config", None)
+    if validate is not None:  # our models check their hyperparameters before anything is written
+        validate(config)
+    return config
+
+
+def get_trainer_class(config, model_class):
+    """A model may name its own trainer (a subclass of RecBole's); otherwise RecBole picks one by model type."""
+    return getattr(model_class, "trainer_class", None) or get_trainer(config["MODEL_TYPE"], config["model"])
+
+
+def _size_eval_batch(config, dataset):
+    user_set = {"eval_batch_size"} & (set(config.external_config_dict) | set(config.internal_config_dict))
+    modes = set(config["eval_args"]["mode"].values())
+    if not user_set and "full" in modes:
+        config["eval_batch_size"] = max(4096, FULL_SORT_USERS_PER_BATCH * dataset.item_num)
+
+
+def prepare(config):
+    """Seeded dataset + RecBole's split and dataloaders."""
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    _size_eval_batch(config, dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    return dataset, train_data, valid_data, test_data
+
+
+def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, cmd_args=None):
+    """Train and evaluate like ``recbole.quick_start.run_recbole``; returns the same dict.
+
+    ``model`` is a name (ours, RecBole's, or ``recbole:NAME`` for RecBole's) or a class.
+    """
+    config = build_config(model, dataset, config_file_list, config_dict, cmd_args)
+    logs_before = set(glob.glob("log/**/*.log", recursive=True))
+    init_logger(config)
+    try:
+        return _run(config, saved)
+    except BaseException:
+        _remove_partial_output(config, set(glob.glob("log/**/*.log", recursive=True)) - logs_before)
+        raise
+
+
+def _remove_partial_output(config, new_logs):
+    """A failed run leaves no log file or checkpoint of its own behind."""
+    new_logs = {os.path.abspath(p) for p in new_logs}
+    for handler in list(logging.getLogger().handlers):
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename in new_logs:
+            handler.close()
+            logging.getLogger().removeHandler(handler)
+    for path in [*new_logs, *config.final_config_dict.get("_run_outputs", [])]:
+        if os.path.isfile(path):
+            os.remove(path)
+        elif os.path.isdir(path):
+            shutil.rmtree(path)
+
+
+def _run(config, saved):
+    logger = getLogger()
+    logger.info(config)
+
+    dataset, train_data, valid_data, test_data = prepare(config)
+    logger.info(dataset)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = config.model_class(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+
+    trainer = get_trainer_class(config, config.model_class)(config, model)
+    config.final_config_dict.setdefault("_run_outputs", []).append(trainer.saved_model_file)
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"])
+    before_test = getattr(model, "before_test", None)
+    if before_test is not None:  # e.g. LAE models that add the validation rows to the test history
+        before_test(valid_data)
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    config.final_config_dict["_run_outputs"] = []  # finished: keep everything
+    return {
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+    }

