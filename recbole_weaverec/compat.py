@@ -17,8 +17,11 @@ What it does, and why:
   it, so ray is not needed at all.
 """
 import os
+import warnings
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# RecBole 1.2.1's pandas idioms warn on pandas 2.x (they work there; pandas 3 is excluded in setup.py)
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
 
 import numpy as np  # noqa: E402
 

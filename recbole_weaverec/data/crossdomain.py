@@ -1,0 +1,61 @@
+"""Source domains for cross-domain models: other RecBole datasets under the same ``data_path``.
+
+``dataset`` is the target; ``source_domains: [amazon-beauty, ...]`` names the sources. Each source is loaded as a full
+RecBole dataset with its own config (same model and settings, its own dataset name), so its item ids and texts live in
+its own id space and never mix with the target's. Sources are only trained on; evaluation is on the target.
+"""
+import os
+
+from recbole_weaverec.config import ConfigError, WeaveConfig
+
+
+class MissingDomainError(FileNotFoundError):
+    pass
+
+
+def raw_data_path(config):
+    """The folder that holds the dataset folders (RecBole rewrites config['data_path'] to data_path/dataset)."""
+    return os.path.dirname(os.path.normpath(config["data_path"]))
+
+
+def domain_list(config, key="source_domains", required=False, min_len=1, allow_target=False):
+    """Validated list of domain names from ``config[key]``: a list of str, existing under data_path."""
+    value = config[key] if key in config else None
+    if value is None or value == []:
+        if required:
+            raise ConfigError(f"{key} is empty: {config['model']} needs at least {min_len} domain(s), "
+                              f"e.g. --{key}=\"[amazon-beauty]\"")
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}={value!r} is not allowed: expected a list of dataset names")
+    if len(value) < min_len:
+        raise ConfigError(f"{key}={value!r} has {len(value)} domain(s): {config['model']} needs at least {min_len}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{key}={value!r} names a domain twice")
+    if not allow_target and config["dataset"] in value:
+        raise ConfigError(f"{key}={value!r} contains the target dataset {config['dataset']!r}: "
+                          f"a source must be another domain")
+    root = raw_data_path(config)
+    for name in value:
+        inter = os.path.join(root, name, f"{name}.inter")
+        if not os.path.isfile(inter):
+            raise MissingDomainError(f"domain {name!r} ({key}) not found: {inter} does not exist")
+    return list(value)
+
+
+def domain_config(config, name, **overrides):
+    """A Config for domain ``name``: the same model and settings as ``config``, its own dataset."""
+    external = dict(config.external_config_dict)
+    external.update(dataset=name, data_path=raw_data_path(config), **overrides)
+    return WeaveConfig(model=config.model_class, dataset=name, config_dict=external)
+
+
+def load_domain(config, name, **overrides):
+    """(config, dataset, (train, valid, test) split datasets) of domain ``name``, built by RecBole as usual."""
+    from recbole.data import create_dataset
+
+    dconfig = domain_config(config, name, **overrides)
+    dataset = create_dataset(dconfig)
+    return dconfig, dataset, dataset.build()
