@@ -3,13 +3,16 @@ import glob
 import logging
 import os
 import shutil
+
+import numpy as np
+import torch
 from logging import getLogger
 
 from recbole_weaverec import compat  # noqa: F401
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_trainer, init_logger, init_seed, set_color
 
-from recbole_weaverec.config import WeaveConfig
+from recbole_weaverec.config import ConfigError, WeaveConfig
 
 FULL_SORT_USERS_PER_BATCH = 256
 DEFAULT_MODEL = "EASE"  # the main job of the README; WeaveRec once it lands
@@ -36,12 +39,75 @@ def _size_eval_batch(config, dataset):
         config["eval_batch_size"] = max(4096, FULL_SORT_USERS_PER_BATCH * dataset.item_num)
 
 
+def _sample_eval_users(config, dataset):
+    """``eval_sample_users: N`` keeps N seeded users (the same for every model) in the valid and test splits."""
+    n = config["eval_sample_users"] if "eval_sample_users" in config else None
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ConfigError(f"eval_sample_users={n!r} is not allowed: expected a positive integer or null (all users)")
+    build = dataset.build
+
+    def build_with_sampled_users():
+        train, valid, test = build()
+        uid = dataset.uid_field
+        users = np.unique(test.inter_feat[uid].numpy())
+        if n < len(users):
+            users = np.sort(np.random.default_rng(config["seed"]).choice(users, n, replace=False))
+        keep = [d.copy(d.inter_feat[torch.from_numpy(np.isin(d.inter_feat[uid].numpy(), users))])
+                for d in (valid, test)]
+        return [train, *keep]
+
+    dataset.build = build_with_sampled_users
+
+
+class SharedCandidateSampler:
+    """Evaluation negatives that depend only on (seed, phase, user): identical for every model and batch size.
+
+    RecBole draws evaluation negatives from numpy's global RNG while batches are collated, and excludes a different
+    "used" set for general and sequential models (the first item of a sequence is never a training target), so two
+    models would score different candidate lists. Here each user's ``num`` negatives are drawn without replacement
+    from the items the user never interacted with (in any split), with a generator seeded by (seed, phase, user):
+    the uni29 protocol of WeaveRec (true next item + 29 random non-interacted items) for every model alike.
+    """
+
+    def __init__(self, sampler, user_items, n_items, seed, phase):
+        self._sampler = sampler
+        self._user_items = user_items  # csr users x items of the whole dataset
+        self._n_items = n_items
+        self._seed = int(seed) * 10 + {"valid": 1, "test": 2}.get(phase, 0)
+
+    def __getattr__(self, name):
+        return getattr(self._sampler, name)
+
+    def _negatives(self, user, num):
+        used = self._user_items.indices[self._user_items.indptr[user]:self._user_items.indptr[user + 1]]
+        pool = np.setdiff1d(np.arange(1, self._n_items), used, assume_unique=True)
+        rng = np.random.default_rng([self._seed, int(user)])
+        return rng.choice(pool, size=min(num, len(pool)), replace=False) if len(pool) >= num \
+            else rng.choice(pool, size=num, replace=True)
+
+    def sample_by_user_ids(self, user_ids, item_ids, num):
+        user_ids = np.asarray(user_ids)
+        neg = np.stack([self._negatives(u, num) for u in user_ids], axis=1)  # num x len(user_ids)
+        return torch.from_numpy(neg.reshape(-1).astype(np.int64))  # RecBole's layout: item k*len+j for user j
+
+
 def prepare(config):
-    """Seeded dataset + RecBole's split and dataloaders."""
+    """Seeded dataset + RecBole's split and dataloaders (uniform evaluation candidates shared by all models)."""
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     _size_eval_batch(config, dataset)
+    _sample_eval_users(config, dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
+    user_items = None
+    for phase, data in (("valid", valid_data), ("test", test_data)):
+        if config[f"{phase}_neg_sample_args"]["distribution"] == "uniform" and \
+                config[f"{phase}_neg_sample_args"]["sample_num"] != "none":
+            if user_items is None:
+                user_items = dataset.inter_matrix(form="csr")
+                user_items.sort_indices()
+            data._sampler = SharedCandidateSampler(data._sampler, user_items, dataset.item_num, config["seed"], phase)
     return dataset, train_data, valid_data, test_data
 
 

@@ -141,3 +141,40 @@ def test_cli_runs_with_config_files_and_overrides(tiny_data, run_dir, tmp_path):
                           "--eval_mode=uni29", "--xi=0.2"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "test result" in out.stdout + out.stderr
+
+
+def _candidates(model, data, extra):
+    from recbole_weaverec.quick_start import prepare
+
+    config = build_config(model, "tiny", config_dict={"data_path": str(data), "eval_mode": "uni29", **FAST, **extra})
+    _, _, _, test = prepare(config)
+    uid, iid = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
+    pairs = set()
+    for batch in test:
+        inter = batch[0]
+        pairs |= set(zip(inter[uid].tolist(), inter[iid].tolist()))
+    return pairs
+
+
+def test_uni29_candidates_identical_across_models_and_batch_sizes(tmp_path, run_dir):
+    import numpy as np
+
+    from conftest import write_tiny_dataset
+
+    tiny_data = write_tiny_dataset(tmp_path / "d80", n_items=80)
+    a = _candidates("EASE", tiny_data, {"eval_batch_size": 60})
+    np.random.seed(123)  # a different global RNG state must not matter
+    b = _candidates("SASRec", tiny_data, {"eval_batch_size": 300000})
+    assert a == b
+    users = {u for u, _ in a}
+    assert len(a) == 30 * len(users)  # true item + 29 sampled per user
+    c = _candidates("EASE", tiny_data, {"eval_batch_size": 60, "seed": 99})
+    assert c != a  # the seed does drive the sampling
+
+
+def test_eval_sample_users_restricts_to_same_users(tiny_data, run_dir):
+    a = _candidates("EASE", tiny_data, {"eval_sample_users": 7})
+    b = _candidates("SASRec", tiny_data, {"eval_sample_users": 7})
+    assert len({u for u, _ in a}) == 7 and a == b
+    with pytest.raises(ConfigError, match="eval_sample_users"):
+        _candidates("EASE", tiny_data, {"eval_sample_users": -1})
