@@ -110,7 +110,7 @@ def mean_pool(hidden, mask):
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: callers may edit the result in place
 def _encode(texts, tokenizer, model, batch_size, max_length, device, normalize, progress):
     from tqdm.auto import tqdm
 
