@@ -35,6 +35,7 @@ MERGE_METHODS = ("average", "weights", "task_arithmetic", "ties", "dare_linear",
 TASK_VECTOR_METHODS = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SIGN_METHODS = ("total", "frequency")
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+_PEFT_MARKERS = ("lora_", "modules_to_save", "trainable_tokens")  # peft tensors that are not base weights
 # a transformer block's index in a parameter name: "encoder.layer.3.", "model.layers.11.", "h.0.", "blocks.2."
 _BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?=\.|$)")
 
@@ -135,8 +136,12 @@ def lora_deltas(adapter, base_model=None, adapter_name=None):
     if config.get("use_dora"):
         raise UnsupportedAdapterError(f"{label}: DoRA adapters are not an additive ΔW; merge LoRA adapters only")
     parts, adapters_seen = {}, set()
+    # a whole PeftModel state dict (``model.state_dict()``) also holds the frozen base weights: skip those
+    whole_model = any(".base_layer." in k for k in state)
     for key, value in state.items():
         parsed = _parse_lora_key(key)
+        if parsed is None and whole_model and not any(m in key for m in _PEFT_MARKERS):
+            continue
         if parsed is None:
             raise UnsupportedAdapterError(
                 f"{label}: tensor {key!r} is not a LoRA A/B matrix (modules_to_save, DoRA or trainable tokens "
