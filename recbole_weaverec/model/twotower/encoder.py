@@ -1,0 +1,86 @@
+"""The shared text tower of TextSeqRec / MergeRec: an HF encoder over pre-tokenised item texts, mean pooled.
+
+Item texts are tokenised once (each cut to ``max_item_tokens``); a user's input is built from those token ids
+(most recent item first, joined by the tokenised "; ", cut to ``max_user_tokens``), so no batch re-tokenises text.
+``params`` lets a caller run the encoder with other weights (e.g. merged weights that depend on learnable
+coefficients) through ``torch.func.functional_call`` without touching the module's own parameters.
+"""
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from recbole_weaverec.textembed import mean_pool
+
+
+class TextTower(torch.nn.Module):
+    def __init__(self, encoder_path, texts, max_item_tokens, max_user_tokens, max_seq_items):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        self.encoder_path = encoder_path
+        self.tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+        self.encoder = AutoModel.from_pretrained(encoder_path)
+        self.max_user_tokens = int(max_user_tokens)
+        self.max_seq_items = int(max_seq_items)
+        ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=True,
+                             max_length=int(max_item_tokens))["input_ids"]
+        self.item_ids = [list(x) for x in ids]
+        self.sep_ids = self.tokenizer("; ", add_special_tokens=False)["input_ids"]
+        self.prefix, self.suffix = self._special_template()
+
+    def _special_template(self):
+        """The special tokens the tokenizer puts around one text (e.g. [CLS] … [SEP] or <s> … </s>)."""
+        plain = self.tokenizer("item", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("item")["input_ids"]
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return full[:start], full[start + len(plain):]
+        return [], []
+
+    def _with_special(self, ids, budget):
+        return self.prefix + ids[:max(budget - len(self.prefix) - len(self.suffix), 0)] + self.suffix
+
+    def item_inputs(self, items):
+        return [self.prefix + self.item_ids[int(i)] + self.suffix for i in items]
+
+    def user_inputs(self, item_seq, item_seq_len):
+        """Token ids per user: history most recent first, at most max_seq_items items, joined by "; "."""
+        out = []
+        seqs = item_seq.tolist()
+        for row, n in zip(seqs, item_seq_len.tolist()):
+            history = row[:n][::-1][:self.max_seq_items]
+            ids = []
+            for k, item in enumerate(history):
+                if k:
+                    ids += self.sep_ids
+                ids += self.item_ids[item]
+                if len(ids) >= self.max_user_tokens:
+                    break
+            out.append(self._with_special(ids, self.max_user_tokens))
+        return out
+
+    def encode(self, inputs, params=None):
+        """L2-normalised mean-pooled embeddings of a list of token-id lists (gradients flow unless disabled)."""
+        device = next(self.encoder.parameters()).device
+        batch = self.tokenizer.pad({"input_ids": inputs}, return_tensors="pt").to(device)
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if params is None:
+            hidden = self.encoder(**kwargs).last_hidden_state
+        else:
+            hidden = functional_call(self.encoder, params, args=(), kwargs=kwargs, strict=False).last_hidden_state
+        return F.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
+
+    @torch.no_grad()
+    def encode_all(self, inputs, batch_size, params=None, progress=False, desc="encoding items"):
+        from tqdm.auto import tqdm
+
+        # longest first so each batch pads little; rows go back to the input order
+        order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+        out = None
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+            idx = order[start:start + batch_size]
+            emb = self.encode([inputs[i] for i in idx], params=params)
+            if out is None:
+                out = emb.new_empty(len(inputs), emb.shape[1])
+            out[torch.tensor(idx, device=emb.device)] = emb
+        return out

@@ -1,0 +1,130 @@
+"""TextSeqRec: a text two-tower sequential recommender (Recformer/BLaIR-style backbone of MergeRec).
+
+User tower: the encoder over the history's item texts ("title: … brand: … category: …", most recent first, joined
+"; "). Item tower: the same encoder over each item's text. Mean pooling, score = cosine / temperature. Trained with
+in-batch softmax (or a full softmax over cached catalogue embeddings) by RecBole's own trainer. For evaluation the
+catalogue is encoded once and cached until the next training step or weight load.
+"""
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType, ModelType
+
+from recbole_weaverec.config import ConfigError
+from recbole_weaverec.data.itemtext import MissingTextFieldError, item_texts
+from recbole_weaverec.model.lae.base import check_choice, check_number
+from recbole_weaverec.model.twotower.encoder import TextTower
+from recbole_weaverec.textembed import resolve_encoder_path
+
+SOFTMAX = ("in_batch", "full")
+
+
+def check_int(config, key, low=1):
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{key}={value!r} is not allowed: expected an integer >= {low}")
+    return value
+
+
+class TextSeqRec(SequentialRecommender):
+    input_type = InputType.POINTWISE
+    type = ModelType.SEQUENTIAL
+
+    @classmethod
+    def validate_config(cls, config):
+        check_number(config, "temperature", low=0, low_open=True)
+        for key in ("max_seq_items", "max_item_tokens", "max_user_tokens", "encode_batch_size",
+                    "full_softmax_refresh"):
+            check_int(config, key)
+        check_choice(config, "softmax", SOFTMAX)
+        fields = config["text_fields"]
+        if isinstance(fields, str):
+            fields = [fields]
+        if not isinstance(fields, (list, tuple)) or not fields or not all(isinstance(f, str) for f in fields):
+            raise ConfigError(f"text_fields={config['text_fields']!r} is not allowed: expected a non-empty list of "
+                              f"item field names, e.g. [title, brand, categories]")
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.validate_config(config)
+        fields = config["text_fields"]
+        fields = [fields] if isinstance(fields, str) else list(fields)
+        texts = item_texts(dataset, fields, labelled=True)
+        if not any(texts[1:]):
+            raise MissingTextFieldError(f"dataset {dataset.dataset_name!r}: no item has any text in text_fields="
+                                        f"{fields}")
+        self.temperature = float(config["temperature"])
+        self.softmax = config["softmax"]
+        self.encode_batch_size = config["encode_batch_size"]
+        self.full_softmax_refresh = config["full_softmax_refresh"]
+        self.show_progress = bool(config["show_progress"])
+        self.encoder_path = resolve_encoder_path(config["text_encoder_path"])
+        self.tower = TextTower(self.encoder_path, texts, config["max_item_tokens"], config["max_user_tokens"],
+                               config["max_seq_items"])
+        self._item_cache = None  # all item embeddings for evaluation (no grad)
+        self._train_catalogue = None  # detached catalogue for the full softmax, refreshed every N steps
+        self._steps = 0
+
+    # --- embeddings -----------------------------------------------------------------------------------------
+    def user_embeddings(self, interaction, params=None):
+        return self.tower.encode(self.tower.user_inputs(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]),
+                                 params=params)
+
+    def item_embeddings(self, items, params=None):
+        return self.tower.encode(self.tower.item_inputs(items), params=params)
+
+    def all_item_embeddings(self, params=None):
+        return self.tower.encode_all(self.tower.item_inputs(range(self.n_items)), self.encode_batch_size,
+                                     params=params, progress=self.show_progress)
+
+    def invalidate_item_cache(self):
+        self._item_cache = None
+        self._train_catalogue = None
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        self.invalidate_item_cache()  # new weights: cached embeddings are stale
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _cached_items(self):
+        if self._item_cache is None:
+            was_training = self.training
+            self.eval()
+            self._item_cache = self.all_item_embeddings()
+            self.train(was_training)
+        return self._item_cache
+
+    # --- training -------------------------------------------------------------------------------------------
+    def calculate_loss(self, interaction):
+        self._item_cache = None  # weights are about to change
+        user = self.user_embeddings(interaction)
+        pos = interaction[self.POS_ITEM_ID]
+        if self.softmax == "in_batch":
+            # each distinct positive once, so a repeated item is never its own negative
+            items, target = torch.unique(pos, return_inverse=True)
+            logits = user @ self.item_embeddings(items).T
+        else:
+            if self._train_catalogue is None or self._steps % self.full_softmax_refresh == 0:
+                self._train_catalogue = self.all_item_embeddings()
+            logits = user @ self._train_catalogue.T
+            # the positives get fresh embeddings, so the item tower receives gradient too
+            fresh = (user * self.item_embeddings(pos)).sum(-1, keepdim=True)
+            logits = logits.scatter(1, pos.unsqueeze(1), fresh)
+            logits[:, 0] = float("-inf")  # padding item
+            target = pos
+        self._steps += 1
+        return F.cross_entropy(logits / self.temperature, target)
+
+    # --- scoring --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def full_sort_predict(self, interaction):
+        return self.user_embeddings(interaction) @ self._cached_items().T / self.temperature
+
+    @torch.no_grad()
+    def predict(self, interaction):
+        # sampled evaluation repeats each user once per candidate: encode each distinct history once
+        seq, seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        key = torch.cat([seq, seq_len.unsqueeze(1)], dim=1)
+        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+        user = self.tower.encode(self.tower.user_inputs(uniq[:, :-1], uniq[:, -1]))
+        items = self._cached_items()[interaction[self.ITEM_ID]]
+        return (user[inverse] * items).sum(-1) / self.temperature
