@@ -1,0 +1,218 @@
+"""``LLMRecommender``: the RecBole sequential model shared by LLMRec, LLMJoint, LLMMerge (and WeaveRec).
+
+A causal LM (``llm_path``) reads a prompt built from the titles of the items in RecBole's ITEM_SEQ and scores each
+candidate by the length-normalised log-likelihood of its title as the answer (``scoring.py``). Only LoRA weights
+train; the model's ``state_dict`` (what RecBole's checkpoints hold) is those trainable weights only, so the frozen
+base model is never written into a checkpoint. Before the final evaluation the adapter is folded into the base
+weights (``merge_and_unload``), so evaluation costs what the base model costs.
+"""
+import numbers
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType, ModelType
+
+from recbole_weaverec.config import ConfigError
+from recbole_weaverec.model.lae.base import check_choice, check_number
+from recbole_weaverec.model.llm.backbone import load_backbone
+from recbole_weaverec.model.llm.prompts import PromptBuilder
+from recbole_weaverec.model.llm.scoring import score_candidates
+from recbole_weaverec.model.llm.trainer import LLMTrainer
+from recbole_weaverec.model.llm.training import LoraSettings, domain_data
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_int(config, key, low=None, allow_none=False):
+    value = config[key] if key in config else None
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{key}={value!r} is not allowed: expected an integer"
+                          + (f" >= {low}" if low is not None else "") + (" or null" if allow_none else ""))
+    if low is not None and value < low:
+        raise ConfigError(f"{key}={value!r} is out of range: expected an integer >= {low}")
+    return int(value)
+
+
+def check_bool(config, key):
+    if not isinstance(config[key], bool):
+        raise ConfigError(f"{key}={config[key]!r} is not allowed: expected true or false")
+    return config[key]
+
+
+class FullSortTooLargeError(ConfigError):
+    pass
+
+
+class LLMRecommender(SequentialRecommender):
+    type = ModelType.SEQUENTIAL
+    input_type = InputType.POINTWISE
+    trainer_class = LLMTrainer
+
+    @classmethod
+    def validate_config(cls, config):
+        for key in ("max_history", "max_title_tokens", "lora_r", "epochs", "train_batch_size",
+                    "gradient_accumulation_steps", "score_chunk_size", "max_full_sort_items"):
+            check_int(config, key, low=1)
+        check_int(config, "max_train_samples", low=1, allow_none=True)
+        check_int(config, "num_prompt_candidates", low=1)
+        check_number(config, "lora_alpha", low=0, low_open=True)
+        check_number(config, "lora_dropout", low=0, high=1, high_open=True)
+        check_number(config, "learning_rate", low=0, low_open=True)
+        check_number(config, "warmup_ratio", low=0, high=1)
+        check_bool(config, "prompt_candidates")
+        check_bool(config, "train_bf16")
+        check_choice(config, "llm_dtype", tuple(DTYPES))
+        target = config["lora_target_modules"]
+        if not (isinstance(target, str) or (isinstance(target, list) and target
+                                            and all(isinstance(t, str) for t in target))):
+            raise ConfigError(f"lora_target_modules={target!r} is not allowed: expected 'all-linear' or a list of "
+                              f"module names, e.g. [q_proj, v_proj]")
+        paths = config["adapter_paths"] if "adapter_paths" in config else None
+        if paths is not None and not (isinstance(paths, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                                      for k, v in paths.items())):
+            raise ConfigError(f"adapter_paths={paths!r} is not allowed: expected a mapping domain -> adapter folder, "
+                              f"e.g. \"{{'amazon-toys': 'saved/run/adapters/amazon-toys'}}\"")
+        for domain, folder in (paths or {}).items():
+            if not os.path.isdir(os.path.expanduser(folder)):
+                raise FileNotFoundError(f"adapter_paths[{domain!r}]: folder {folder} not found")
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.validate_config(config)
+        self.config = config
+        self.llm, self.tokenizer, self.base_name = load_backbone(
+            config["llm_path"], self.device, DTYPES[config["llm_dtype"]], config["llm_cache_dir"])
+        self.llm.requires_grad_(False)
+        self.builder = PromptBuilder(self.tokenizer, config["max_history"], config["max_title_tokens"],
+                                     config["prompt_candidates"])
+        self.settings = LoraSettings.from_config(config)
+        self.target = domain_data(config["dataset"], dataset, dataset, config["title_field"],
+                                  config["title_fallback_field"])
+        self.domains = {self.target.name: self.target}
+        self.adapter_paths = {k: os.path.expanduser(v) for k, v in (config["adapter_paths"] or {}).items()}
+        self.adapter_root = None  # set by the trainer: <checkpoint_dir>/<run>/adapters or adapter_dir
+        self.folded = False
+        self.show_progress = bool(config["show_progress"])
+
+    # --- what the trainer asks ------------------------------------------------------------------------------
+    def training_samples(self):
+        """The samples the trainer iterates over each epoch ([] when nothing is trained)."""
+        return []
+
+    def prepare(self, trainer):
+        """Called by the trainer before its epochs (LLMMerge builds its merged model here)."""
+
+    def adapter_name(self):
+        return self.target.name
+
+    def finish(self, trainer):
+        """Before the final evaluation: save the trained adapter as a peft folder, then fold it into the base."""
+        from peft import PeftModel
+
+        if self.folded:
+            return
+        if isinstance(self.llm, PeftModel) and self.training_samples() and self.adapter_root is not None:
+            from recbole_weaverec.model.llm.training import adapter_meta, save_adapter
+
+            folder = Path(self.adapter_root) / self.adapter_name()
+            save_adapter(self.llm, folder, adapter_meta(self.llm, self.training_samples(), self.settings))
+            trainer.logger.info(f"adapter saved: {folder}")
+        self.fold()
+
+    def fold(self):
+        """Merge the LoRA weights into the base weights and drop the adapter (``merge_and_unload``)."""
+        from peft import PeftModel
+
+        if isinstance(self.llm, PeftModel):
+            self.llm = self.llm.merge_and_unload()
+        self.folded = True
+
+    # --- checkpoints hold only what trains --------------------------------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        trainable = {prefix + n for n, p in self.named_parameters() if p.requires_grad}
+        return type(full)((k, v) for k, v in full.items() if k in trainable)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if strict and result.unexpected_keys:
+            raise ConfigError(f"checkpoint has weights this model does not have, e.g. {result.unexpected_keys[0]} "
+                              f"(saved with other LoRA settings?)")
+        return result
+
+    # --- RecBole interface ------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.llm(*args, **kwargs)
+
+    def calculate_loss(self, interaction):
+        """Answer-token loss of a collated batch of our samples (RecBole's batches are not used for training)."""
+        return self.llm(**interaction).loss
+
+    def _titles(self, items):
+        return [self.target.titles[int(i)] for i in items]
+
+    def score_user(self, history, candidates, listed=None, order_seed=0):
+        """Scores of ``candidates`` (target item ids) for one user with ``history`` (item ids, oldest first).
+
+        ``listed``: the candidates written into the prompt (default: ``candidates`` in a seeded random order; never
+        RecBole's order, which puts the true item first)."""
+        if listed is None and self.builder.prompt_candidates:
+            listed = list(dict.fromkeys(int(c) for c in candidates))
+            np.random.default_rng([int(self.config["seed"]), int(order_seed)]).shuffle(listed)
+        prompt = self.builder.prompt_ids(self._titles(history), self._titles(listed) if listed else None)
+        unique = list(dict.fromkeys(int(c) for c in candidates))
+        answers = [self.builder.answer_ids(self.target.titles[c]) for c in unique]
+        scores = score_candidates(self.llm, prompt, answers, self.config["score_chunk_size"],
+                                  self.tokenizer.pad_token_id)
+        index = {c: i for i, c in enumerate(unique)}
+        return scores[[index[int(c)] for c in candidates]]
+
+    def _groups(self, interaction):
+        seq, lengths = interaction[self.ITEM_SEQ].cpu(), interaction[self.ITEM_SEQ_LEN].cpu()
+        users = interaction[self.USER_ID].cpu() if self.USER_ID in interaction.interaction else \
+            torch.zeros_like(lengths)
+        key = torch.cat([users[:, None], lengths[:, None], seq], dim=1)
+        _, inverse = torch.unique(key, dim=0, return_inverse=True)
+        for g in torch.unique(inverse).tolist():
+            rows = torch.nonzero(inverse == g).flatten()
+            r = int(rows[0])
+            history = seq[r, :int(lengths[r])].tolist()
+            yield rows, history, int(users[r]) * 1000003 + int(lengths[r])
+
+    def predict(self, interaction):
+        """RecBole's sampled modes (uni29, pop100, ...): the rows of one user (same ITEM_SEQ) are scored together,
+        from one prompt listing that user's candidates."""
+        from tqdm.auto import tqdm
+
+        self.llm.eval()
+        items = interaction[self.ITEM_ID].cpu()
+        out = torch.empty(len(items), dtype=torch.float32)
+        groups = list(self._groups(interaction))
+        for rows, history, seed in tqdm(groups, desc="scoring users", unit="user", disable=not self.show_progress,
+                                        leave=False):
+            out[rows] = self.score_user(history, items[rows].tolist(), order_seed=seed)
+        return out.to(self.device)
+
+    def full_sort_predict(self, interaction):
+        """``full`` mode: every item's title is scored for every user (cost per user ≈ one prompt pass plus
+        n_items/score_chunk_size batched title passes, i.e. ~n_items/30 times a uni29 user); the prompt lists no
+        candidates. Refused beyond ``max_full_sort_items`` items."""
+        n = self.n_items
+        if n - 1 > self.config["max_full_sort_items"]:
+            raise FullSortTooLargeError(
+                f"full-ranking evaluation of {self.config['model']} on {self.target.name!r} would score all {n - 1} "
+                f"item titles per user (max_full_sort_items={self.config['max_full_sort_items']}); use "
+                f"eval_mode=uni29 or raise max_full_sort_items")
+        self.llm.eval()
+        seq, lengths = interaction[self.ITEM_SEQ].cpu(), interaction[self.ITEM_SEQ_LEN].cpu()
+        out = torch.full((len(seq), n), -torch.inf)
+        items = list(range(1, n))
+        for r in range(len(seq)):
+            out[r, 1:] = self.score_user(seq[r, :int(lengths[r])].tolist(), items, listed=[])
+        return out.flatten().to(self.device)

@@ -1,0 +1,86 @@
+"""LLMMerge: one LoRA per domain (target and each source, each trained on its own domain alone), merged without
+further training ("model merging" baseline), folded into the base weights and evaluated on the target.
+
+Merging is at the ΔW = (α/r)·B·A level with peft's merge rules (``recbole_weaverec.merging``): ``average``,
+``weights`` (given w_i), ``task_arithmetic`` (Σ λ·ΔW_i), ``ties`` (trim to ``merge_density``, elect signs, disjoint
+mean). Already-trained per-domain adapters are reused from ``adapter_paths`` (domain -> folder) or ``adapter_dir``.
+"""
+from recbole_weaverec import merging
+from recbole_weaverec.config import ConfigError
+from recbole_weaverec.data.crossdomain import domain_list
+from recbole_weaverec.model.lae.base import check_choice, check_number
+from recbole_weaverec.model.llm.base import LLMRecommender
+from recbole_weaverec.model.llm.training import (build_samples, check_adapter_base, ensure_adapter, load_source,
+                                                 training_key)
+
+METHODS = ("average", "weights", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+def merge_weights(config, k):
+    """The per-adapter weights of ``merge_method`` (None for average); order: target, then sources."""
+    method, given = config["merge_method"], config["merge_weights"]
+    if given is not None:
+        if method == "average":
+            raise ConfigError("merge_weights is not used by merge_method=average (it uses 1/K); "
+                              "use merge_method=weights")
+        if not isinstance(given, list) or len(given) != k or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) for w in given):
+            raise ConfigError(f"merge_weights={given!r} is not allowed: expected {k} numbers (target, then each "
+                              f"source)")
+        return [float(w) for w in given]
+    if method == "average":
+        return None
+    if method == "weights":
+        raise ConfigError(f"merge_method=weights needs merge_weights: {k} numbers (target, then each source)")
+    if method == "task_arithmetic":
+        return [float(config["merge_lambda"])] * k
+    return [1.0] * k  # TIES / DARE: λ=1 on the elected (disjoint-mean) delta, as in the TIES paper
+
+
+class LLMMerge(LLMRecommender):
+    @classmethod
+    def validate_config(cls, config):
+        super().validate_config(config)
+        sources = domain_list(config, "source_domains", required=True)
+        check_choice(config, "merge_method", METHODS)
+        check_number(config, "merge_density", low=0, high=1, low_open=True)
+        check_number(config, "merge_lambda")
+        merge_weights(config, len(sources) + 1)
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.sources = domain_list(config, "source_domains", required=True)
+        self.adapter_folders = {}
+
+    def domain_key(self, name):
+        n = self.config["max_train_samples"]
+        return training_key(self.base_name, {name: n}, self.settings, self.builder, self._num_candidates())
+
+    def _num_candidates(self):
+        return self.config["num_prompt_candidates"] if self.config["prompt_candidates"] else 0
+
+    def domain_adapter(self, name, trainer):
+        """The folder of ``name``'s own adapter: given in adapter_paths, found in adapter_dir, or trained now."""
+        if name in self.adapter_paths:
+            return check_adapter_base(self.adapter_paths[name], self.llm)
+
+        def make_samples():
+            domain = self.target if name == self.target.name else load_source(self.config, name)
+            return build_samples(domain, self.config["max_train_samples"], self._num_candidates(),
+                                 self.config["seed"]), {name: domain}
+
+        return ensure_adapter(self.llm, self.adapter_root / name, make_samples, self.builder, self.domains,
+                              self.settings, self.domain_key(name), self.show_progress, trainer.logger)
+
+    def prepare(self, trainer):
+        names = [self.target.name, *self.sources]
+        folders = [self.domain_adapter(name, trainer) for name in names]
+        self.adapter_folders = dict(zip(names, folders))
+        merging.check_same_base(folders, self.base_name)
+        deltas = [merging.lora_deltas(f, base_model=self.llm) for f in folders]
+        merged = merging.merge_deltas(deltas, merge_weights(self.config, len(folders)), self.config["merge_method"],
+                                      density=self.config["merge_density"], names=names, seed=self.config["seed"])
+        merging.fold_deltas(self.llm, merged)
+        self.folded = True
+        trainer.logger.info(f"merged {len(folders)} adapters ({self.config['merge_method']}) into the base weights: "
+                            + ", ".join(f"{n}={f}" for n, f in self.adapter_folders.items()))

@@ -1,0 +1,25 @@
+"""LLMRec: a causal LM fine-tuned with LoRA on the target domain only (WeaveRec's "target-only" baseline, θ0)."""
+from recbole_weaverec.model.llm.base import LLMRecommender
+from recbole_weaverec.model.llm.training import add_lora, build_samples, load_adapter
+
+
+class LLMRec(LLMRecommender):
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        reuse = self.adapter_paths.get(self.adapter_name())
+        if reuse:  # an adapter trained earlier (e.g. by LLMMerge or WeaveRec): evaluate it, train nothing
+            self.llm = load_adapter(self.llm, reuse)
+            self.samples = []
+        else:
+            self.samples = self.build_training_samples()
+            self.llm = add_lora(self.llm, self.settings)
+
+    def build_training_samples(self):
+        return build_samples(self.target, self.config["max_train_samples"], self._train_candidates(),
+                             self.config["seed"])
+
+    def _train_candidates(self):
+        return self.config["num_prompt_candidates"] if self.config["prompt_candidates"] else 0
+
+    def training_samples(self):
+        return self.samples

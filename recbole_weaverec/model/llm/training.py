@@ -1,0 +1,347 @@
+"""Training samples from RecBole's sequential prefixes, LoRA training, and peft adapter folders.
+
+Reusable by every LLM model (LLMRec, LLMJoint, LLMMerge, WeaveRec):
+- ``DomainData`` / ``load_target`` / ``load_source``: a domain's training split and titles (its own id space).
+- ``build_samples(domain, n, num_candidates, seed)``: reproducible training prompts of one domain.
+- ``mix_samples(lists, seed)``: a seeded shuffle of several domains' samples (data merging / hybrid modules).
+- ``LoraSettings.from_config`` + ``add_lora`` + ``train_lora``: one LoRA trained on a list of samples.
+- ``train_adapter(base, samples, ..., folder)``: the above, saved as a peft folder; the base comes back clean.
+- ``save_adapter`` / ``load_adapter`` / ``check_adapter_base``: peft folders with the base model's name checked.
+"""
+import json
+import math
+import os
+import shutil
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recbole_weaverec.config import ConfigError
+from recbole_weaverec.model.llm.backbone import base_name
+from recbole_weaverec.model.llm.prompts import IGNORE_INDEX
+
+ALL_LINEAR = "all-linear"
+META_FILE = "recbole_weaverec.json"  # what an adapter folder was trained on (next to peft's files)
+
+
+class AdapterMismatchError(ConfigError):
+    """An adapter folder that does not fit this run (another base model, missing files)."""
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sample:
+    """One training prompt: ``domain``'s internal item ids (history oldest first, target, candidates listed)."""
+    domain: str
+    history: tuple
+    target: int
+    candidates: tuple = ()
+
+
+@dataclass
+class DomainData:
+    """A domain's sequential training split (RecBole's augmented prefixes) and its item titles (by internal id)."""
+    name: str
+    train: object  # RecBole SequentialDataset of the training split
+    titles: list
+    item_num: int
+
+    def title(self, item):
+        return self.titles[int(item)]
+
+
+def domain_data(name, dataset, train_split, title_field="title", fallback=None):
+    from recbole_weaverec.data.itemtext import item_titles
+
+    return DomainData(name, train_split, item_titles(dataset, title_field, fallback), dataset.item_num)
+
+
+def load_source(config, name):
+    """A source domain loaded as its own RecBole dataset (ids and titles never mix with the target's)."""
+    from recbole_weaverec.data.crossdomain import load_domain
+
+    _, dataset, (train, _, _) = load_domain(config, name)
+    return domain_data(name, dataset, train, config["title_field"], config["title_fallback_field"])
+
+
+def _domain_seed(seed, name, salt=0):
+    return [int(seed), zlib.crc32(name.encode()), int(salt)]  # stable across runs (unlike hash())
+
+
+def build_samples(domain, n=None, num_candidates=30, seed=2020):
+    """Up to ``n`` training prefixes of ``domain`` chosen reproducibly (all when n is None), each with
+    ``num_candidates`` candidates: the true item + random items outside the user's history, shuffled."""
+    train = domain.train
+    seq_field, len_field = train.config["ITEM_ID_FIELD"] + train.config["LIST_SUFFIX"], train.config["ITEM_LIST_LENGTH_FIELD"]
+    seqs, lengths = train.inter_feat[seq_field].numpy(), train.inter_feat[len_field].numpy()
+    targets = train.inter_feat[train.iid_field].numpy()
+    rng = np.random.default_rng(_domain_seed(seed, domain.name))
+    rows = np.arange(len(targets)) if n is None or n >= len(targets) else \
+        np.sort(rng.choice(len(targets), size=int(n), replace=False))
+    out = []
+    for r in rows:
+        history = tuple(int(i) for i in seqs[r, :lengths[r]])
+        target = int(targets[r])
+        candidates = ()
+        if num_candidates:
+            out_of = set(history) | {target}
+            k = min(int(num_candidates) - 1, domain.item_num - 1 - len(out_of))
+            negatives = []
+            while len(negatives) < k:  # rejection sampling: histories are tiny next to the catalogue
+                item = int(rng.integers(1, domain.item_num))
+                if item not in out_of:
+                    out_of.add(item)
+                    negatives.append(item)
+            candidates = [target, *negatives]
+            rng.shuffle(candidates)
+            candidates = tuple(candidates)
+        out.append(Sample(domain.name, history, target, candidates))
+    return out
+
+
+def mix_samples(sample_lists, seed=2020):
+    """All samples of several domains in one seeded random order."""
+    out = [s for samples in sample_lists for s in samples]
+    order = np.random.default_rng([int(seed), 7]).permutation(len(out))
+    return [out[i] for i in order]
+
+
+def encode_sample(sample, builder, domains):
+    """(input_ids, labels) of a sample; titles come from the sample's own domain only."""
+    titles = domains[sample.domain].titles
+    return builder.training_ids([titles[i] for i in sample.history], titles[sample.target],
+                                [titles[i] for i in sample.candidates] if sample.candidates else None)
+
+
+def collate(encoded, pad_id):
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, (x, y) in enumerate(encoded):
+        ids[i, :len(x)] = torch.tensor(x)
+        labels[i, :len(y)] = torch.tensor(y)
+        mask[i, :len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# --- LoRA -------------------------------------------------------------------------------------------------------
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    target_modules: object = ALL_LINEAR
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    epochs: int = 2
+    batch_size: int = 8
+    grad_accum: int = 16
+    clip_grad_norm: float = 1.0
+    bf16: bool = False  # autocast on CPU (always on CUDA)
+    seed: int = 2020
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config):
+        target = config["lora_target_modules"]
+        return cls(r=int(config["lora_r"]), alpha=float(config["lora_alpha"]), dropout=float(config["lora_dropout"]),
+                   target_modules=target if isinstance(target, str) else list(target),
+                   learning_rate=float(config["learning_rate"]), warmup_ratio=float(config["warmup_ratio"]),
+                   weight_decay=float(config["weight_decay"] or 0.0), epochs=int(config["epochs"]),
+                   batch_size=int(config["train_batch_size"]), grad_accum=int(config["gradient_accumulation_steps"]),
+                   clip_grad_norm=float(config["lora_clip_grad_norm"] or 0.0), bf16=bool(config["train_bf16"]),
+                   seed=int(config["seed"]))
+
+    def lora_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.target_modules, task_type="CAUSAL_LM", bias="none")
+
+
+def add_lora(model, settings, adapter_name="default"):
+    """Wrap ``model`` (modified in place) in a PeftModel with a fresh, seeded LoRA; only LoRA weights train."""
+    from peft import get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        peft_model = get_peft_model(model, settings.lora_config(), adapter_name=adapter_name)
+    return peft_model
+
+
+def autocast(device, bf16):
+    device = torch.device(device)
+    enabled = device.type == "cuda" or bool(bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def batches(samples, batch_size, seed, epoch):
+    order = np.random.default_rng([int(seed), 11, int(epoch)]).permutation(len(samples))
+    return [[samples[i] for i in order[s:s + batch_size]] for s in range(0, len(samples), batch_size)]
+
+
+class LoraLearner:
+    """AdamW over the trainable (LoRA) weights with a warmup + cosine schedule, stepped every ``grad_accum`` batches."""
+
+    def __init__(self, model, settings, n_samples):
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.model, self.settings = model, settings
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        steps_per_epoch = math.ceil(math.ceil(n_samples / settings.batch_size) / settings.grad_accum)
+        self.total_steps = max(1, steps_per_epoch * settings.epochs)
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, math.ceil(settings.warmup_ratio * self.total_steps), self.total_steps)
+        self.tokens = 0  # non-pad tokens seen (for speed reports)
+
+    def epoch(self, samples, builder, domains, epoch, progress=False, desc="training LoRA"):
+        """One pass over ``samples``; returns the mean answer-token loss."""
+        from tqdm.auto import tqdm
+
+        model, s = self.model, self.settings
+        device = next(model.parameters()).device
+        pad_id = builder.tokenizer.pad_token_id
+        model.train()
+        total, count = 0.0, 0
+        groups = batches(samples, s.batch_size, s.seed, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, group in enumerate(tqdm(groups, desc=f"{desc} epoch {epoch}", unit="batch", disable=not progress)):
+            batch = {k: v.to(device) for k, v in collate([encode_sample(x, builder, domains) for x in group],
+                                                          pad_id).items()}
+            with autocast(device, s.bf16):
+                loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise ValueError(f"training loss is {loss.item()} at epoch {epoch}, batch {i}")
+            (loss / s.grad_accum).backward()
+            self.tokens += int(batch["attention_mask"].sum())
+            total, count = total + loss.item(), count + 1
+            if (i + 1) % s.grad_accum == 0 or i + 1 == len(groups):
+                if s.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.params, s.clip_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        return total / max(count, 1)
+
+
+def train_lora(peft_model, samples, builder, domains, settings, progress=False, logger=None, desc="training LoRA"):
+    """Train the active LoRA of ``peft_model`` on ``samples`` for ``settings.epochs`` epochs (no validation)."""
+    learner = LoraLearner(peft_model, settings, len(samples))
+    for epoch in range(settings.epochs):
+        loss = learner.epoch(samples, builder, domains, epoch, progress, desc)
+        if logger is not None:
+            logger.info(f"{desc}: epoch {epoch} train loss {loss:.4f} ({len(samples)} samples)")
+    return learner
+
+
+# --- adapter folders --------------------------------------------------------------------------------------------
+def adapter_meta(peft_model, samples, settings, **extra):
+    by_domain = {}
+    for s in samples:
+        by_domain[s.domain] = by_domain.get(s.domain, 0) + 1
+    meta = {"base_model": base_name(peft_model), "samples": by_domain, "settings": asdict(settings)}
+    meta["settings"].pop("extra", None)
+    meta.update(extra)
+    return meta
+
+
+def save_adapter(peft_model, folder, meta=None):
+    """Write the active adapter as a peft folder (atomic: a half-written folder never appears)."""
+    folder = Path(folder)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(str(tmp))
+    if peft_model.active_adapter != "default":  # peft writes non-default adapters into a sub-folder
+        sub = tmp / peft_model.active_adapter
+        for f in sub.iterdir():
+            os.replace(f, tmp / f.name)
+        sub.rmdir()
+    (tmp / META_FILE).write_text(json.dumps(meta or {"base_model": base_name(peft_model)}, indent=1))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def adapter_base_name(folder):
+    folder = Path(folder)
+    meta = folder / META_FILE
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("base_model")
+    return json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+
+
+def check_adapter_base(folder, model):
+    """Refuse an adapter folder that is missing or was trained on another base model (one line, both names)."""
+    folder = Path(os.path.expanduser(str(folder)))
+    if not (folder / "adapter_config.json").is_file():
+        raise AdapterMismatchError(f"adapter folder {folder} not found or has no adapter_config.json "
+                                   f"(expected a peft LoRA folder saved by this package)")
+    theirs, ours = adapter_base_name(folder), base_name(model)
+    if theirs != ours:
+        raise AdapterMismatchError(f"adapter {folder} was trained on base model {theirs!r}, not on this run's "
+                                   f"base model {ours!r}")
+    return folder
+
+
+def load_adapter(model, folder, adapter_name="default", trainable=False):
+    """``model`` (modified in place) wrapped in a PeftModel carrying the adapter of ``folder``."""
+    from peft import PeftModel
+
+    folder = check_adapter_base(folder, model)
+    return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=trainable)
+
+
+def train_adapter(base, samples, builder, domains, settings, folder, progress=False, logger=None, desc=None,
+                  **meta):
+    """Train a fresh LoRA on ``samples`` over ``base``, save it to ``folder`` (a peft folder) and remove it from
+    ``base`` again (``base`` comes back with its original weights). Returns (folder, LoraLearner)."""
+    peft_model = add_lora(base, settings)
+    try:
+        learner = train_lora(peft_model, samples, builder, domains, settings, progress, logger,
+                             desc or f"training LoRA {Path(folder).name}")
+        save_adapter(peft_model, folder, adapter_meta(peft_model, samples, settings, **meta))
+    finally:
+        peft_model.unload()  # takes the LoRA layers out; base weights were never touched
+    return Path(folder), learner
+
+
+def training_key(base, domain_sizes, settings, builder, num_candidates):
+    """What determines an adapter's training: equal keys -> an adapter folder can be reused as is."""
+    s = asdict(settings)
+    s.pop("extra", None)
+    return {"base_model": base, "domains": domain_sizes, "settings": s, "num_candidates": int(num_candidates),
+            "prompt": {"max_history": builder.max_history, "max_title_tokens": builder.max_title_tokens,
+                       "prompt_candidates": builder.prompt_candidates}}
+
+
+def ensure_adapter(base, folder, make_samples, builder, domains, settings, key, progress=False, logger=None):
+    """The adapter of ``folder``, trained now unless a finished one with the same training ``key`` is there.
+
+    ``make_samples()`` -> (samples, {domain name: DomainData}) is only called when training is needed (loading a
+    source domain is the slow part). A folder holding an adapter trained otherwise is refused, never overwritten.
+    """
+    folder = Path(folder)
+    meta_file = folder / META_FILE
+    if meta_file.is_file():
+        saved = json.loads(meta_file.read_text()).get("key")
+        if saved == json.loads(json.dumps(key)):
+            if logger is not None:
+                logger.info(f"reusing adapter {folder} (same training settings)")
+            return folder
+        raise AdapterMismatchError(f"{folder} holds an adapter trained with other settings ({saved} vs {key}); "
+                                   f"remove it or choose another adapter_dir")
+    samples, extra_domains = make_samples()
+    train_adapter(base, samples, builder, {**domains, **extra_domains}, settings, folder, progress, logger,
+                  key=key)
+    if logger is not None:
+        logger.info(f"adapter saved: {folder}")
+    return folder
