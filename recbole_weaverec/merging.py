@@ -459,7 +459,8 @@ def _coefficient_index(coefficients, keys, layer_of):
     if coefficients.dim() == 1:
         return lambda key: coefficients
     if coefficients.dim() != 2:
-        raise MergeError(f"coefficients must be [K] (task-wise) or [K, L] (layer-wise), got {tuple(coefficients.shape)}")
+        raise MergeError(
+            f"coefficients must be [K] (task-wise) or [K, L] (layer-wise), got {tuple(coefficients.shape)}")
     if layer_of is None:
         layer_of, names = layer_groups(keys)
         if coefficients.shape[1] != len(names):

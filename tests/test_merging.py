@@ -197,6 +197,12 @@ def test_fold_single_adapter_equals_merge_and_unload(tmp_path):
     # names with peft's prefix work too, and folding into a PeftModel's base layers is the same
     prefixed = {M.PEFT_PREFIX + k: v for k, v in M.lora_deltas(tmp_path / "a").items()}
     torch.testing.assert_close(logits(M.fold_deltas(copy.deepcopy(base), prefixed), IDS), folded)
+    other = lora(base, 30)
+    M.fold_deltas(other, M.lora_deltas(tmp_path / "a"))
+    with other.disable_adapter():
+        torch.testing.assert_close(logits(other, IDS), folded, atol=1e-5, rtol=1e-5)
+    half = M.fold_deltas(copy.deepcopy(base).to(torch.bfloat16), M.lora_deltas(tmp_path / "a"))
+    assert half.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
 
 
 def test_fold_merged_equals_unfolded_merged_adapter():
