@@ -26,8 +26,10 @@ def domain_list(config, key="source_domains", required=False, min_len=1, allow_t
             raise ConfigError(f"{key} is empty: {config['model']} needs at least {min_len} domain(s), "
                               f"e.g. --{key}=\"[amazon-beauty]\"")
         return []
-    if isinstance(value, str):
-        value = [value]
+    if isinstance(value, str):  # "--source_domains=[a,b]" reaches us unparsed (RecBole's eval fails on "a-b")
+        text = value.strip()
+        value = [v.strip().strip("'\"") for v in text[1:-1].split(",") if v.strip()] \
+            if text.startswith("[") and text.endswith("]") else [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{key}={value!r} is not allowed: expected a list of dataset names")
     if len(value) < min_len:
