@@ -19,6 +19,17 @@ from recbole_weaverec.textembed import resolve_encoder_path
 SOFTMAX = ("in_batch", "full")
 
 
+def name_list(value):
+    """A list of names from a YAML/Python list or a command-line string "[a,b]" (which RecBole leaves a string when
+    the names are not Python literals, e.g. amazon-toys)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            return [v.strip().strip("'\"") for v in text[1:-1].split(",") if v.strip()]
+        return [text]
+    return value
+
+
 def check_int(config, key, low=1):
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -37,18 +48,15 @@ class TextSeqRec(SequentialRecommender):
                     "full_softmax_refresh"):
             check_int(config, key)
         check_choice(config, "softmax", SOFTMAX)
-        fields = config["text_fields"]
-        if isinstance(fields, str):
-            fields = [fields]
+        fields = name_list(config["text_fields"])
         if not isinstance(fields, (list, tuple)) or not fields or not all(isinstance(f, str) for f in fields):
             raise ConfigError(f"text_fields={config['text_fields']!r} is not allowed: expected a non-empty list of "
                               f"item field names, e.g. [title, brand, categories]")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.validate_config(config)
-        fields = config["text_fields"]
-        fields = [fields] if isinstance(fields, str) else list(fields)
+        TextSeqRec.validate_config(config)  # (MergeRec checks its own keys; these are the towers')
+        fields = list(name_list(config["text_fields"]))
         texts = item_texts(dataset, fields, labelled=True)
         if not any(texts[1:]):
             raise MissingTextFieldError(f"dataset {dataset.dataset_name!r}: no item has any text in text_fields="

@@ -1,0 +1,202 @@
+"""Per-domain TextSeqRec models for MergeRec: configs, fine-tuning on one domain's own data, saving and reuse.
+
+A domain model is saved as the encoder's state dict (safetensors) with metadata naming the domain, the base
+encoder, its vocabulary and hidden size; a model is reused when a later run asks for the same domain data and the
+same training settings (cache key), or when ``merge_finetuned`` points at it.
+"""
+import hashlib
+import json
+import os
+from logging import getLogger
+from pathlib import Path
+
+import torch
+
+from recbole_weaverec.config import ConfigError, WeaveConfig
+from recbole_weaverec.data.crossdomain import domain_config, raw_data_path
+
+# TextSeqRec settings that change what fine-tuning produces (the cache key); display/eval-only keys are left out
+TRAINING_KEYS = ("text_fields", "max_item_tokens", "max_seq_items", "max_user_tokens", "temperature", "softmax",
+                 "full_softmax_refresh", "learner", "learning_rate", "weight_decay", "epochs", "train_batch_size",
+                 "stopping_step", "eval_step", "valid_metric", "seed", "MAX_ITEM_LIST_LENGTH", "clip_grad_norm",
+                 "load_col", "eval_args")
+MERGE_ONLY_KEYS = ("model",)
+
+
+class DomainModelMismatchError(ConfigError):
+    """Two domain models that do not share one encoder (other base, vocabulary or shapes)."""
+
+
+def text_config(config, name=None):
+    """A TextSeqRec Config for domain ``name`` (default: config's dataset) with the user's settings of ``config``."""
+    from recbole_weaverec.model.twotower.textseqrec import TextSeqRec
+
+    name = name or config["dataset"]
+    external = {k: v for k, v in config.external_config_dict.items() if k not in MERGE_ONLY_KEYS}
+    external.update(dataset=name, data_path=raw_data_path(config))
+    tconfig = WeaveConfig(model=TextSeqRec, dataset=name, config_dict=external)
+    TextSeqRec.validate_config(tconfig)
+    return tconfig
+
+
+def domain_text_config(tconfig, name):
+    """The TextSeqRec config of another domain, same settings (crossdomain.domain_config on a TextSeqRec config)."""
+    return tconfig if name == tconfig["dataset"] else domain_config(tconfig, name)
+
+
+def _file_stamp(path):
+    st = os.stat(path)
+    return [os.path.basename(path), st.st_size, st.st_mtime_ns]
+
+
+def encoder_identity(path):
+    if not os.path.isdir(path):
+        return str(path)
+    files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".txt",
+                                                                                    ".bin", ".model"))
+    return json.dumps([os.path.abspath(path), [_file_stamp(p) for p in files]])
+
+
+def cache_key(dconfig, encoder_path):
+    """Hash of the domain's files, the base encoder and the training settings."""
+    folder = dconfig["data_path"]  # RecBole's data_path is already data_path/dataset
+    name = dconfig["dataset"]
+    files = [os.path.join(folder, f"{name}.{ext}") for ext in ("inter", "item")]
+    payload = {"domain": name, "files": [_file_stamp(f) for f in files if os.path.isfile(f)],
+               "encoder": encoder_identity(encoder_path),
+               "settings": {k: dconfig[k] for k in TRAINING_KEYS}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def default_cache_dir():
+    from recbole_weaverec.textembed import DEFAULT_CACHE_DIR
+
+    return Path(DEFAULT_CACHE_DIR) / "mergerec"
+
+
+def encoder_meta(model, domain):
+    enc = model.tower.encoder
+    vocab = model.tower.tokenizer.get_vocab()
+    vocab_hash = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+    return {"domain": domain, "encoder": str(model.encoder_path), "model_type": enc.config.model_type,
+            "vocab_size": str(enc.config.vocab_size), "hidden_size": str(enc.config.hidden_size),
+            "num_layers": str(getattr(enc.config, "num_hidden_layers", "")), "tokenizer_vocab": vocab_hash}
+
+
+COMPARED = ("model_type", "vocab_size", "hidden_size", "num_layers", "tokenizer_vocab")
+
+
+def check_same_encoder(meta_a, meta_b):
+    """Refuse two domain models of different encoders/vocabularies, naming both domains."""
+    diff = [k for k in COMPARED if str(meta_a.get(k)) != str(meta_b.get(k))]
+    if diff:
+        a, b = meta_a.get("domain"), meta_b.get("domain")
+        detail = ", ".join(f"{k} {meta_a.get(k)} vs {meta_b.get(k)}" for k in diff)
+        raise DomainModelMismatchError(
+            f"cannot merge domain {a!r} ({meta_a.get('encoder')}) with domain {b!r} ({meta_b.get('encoder')}): "
+            f"different encoders or vocabularies ({detail}); all domain models must fine-tune one base encoder")
+
+
+def save_domain_model(path, state, meta):
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # atomic: an interrupted run never leaves half a model to be reused
+
+
+def load_domain_model(path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+    return load_file(str(path)), meta
+
+
+def finetuned_path(config, dconfig, encoder_path):
+    """Where domain ``dconfig['dataset']``'s model is read from / written to.
+
+    ``merge_finetuned``: a folder (``<folder>/<domain>.safetensors``) or a mapping {domain: file}; otherwise the cache
+    dir (``merge_cache_dir``, default ~/.cache/recbole_weaverec/mergerec) keyed by domain + settings.
+    """
+    name = dconfig["dataset"]
+    given = config["merge_finetuned"]
+    if isinstance(given, dict):
+        if name in given:
+            path = Path(os.path.expanduser(str(given[name])))
+            if not path.is_file():
+                raise FileNotFoundError(f"merge_finetuned[{name!r}] = {path}: file not found")
+            return path, False
+    elif given:
+        return Path(os.path.expanduser(str(given))) / f"{name}.safetensors", True
+    folder = Path(os.path.expanduser(str(config["merge_cache_dir"]))) if config["merge_cache_dir"] \
+        else default_cache_dir()
+    return folder / f"{name}-{cache_key(dconfig, encoder_path)}.safetensors", True
+
+
+def finetune_domain(dconfig, show_progress=False, epoch_times=None):
+    """Train a TextSeqRec on one domain's own training split (RecBole's trainer, best valid checkpoint).
+
+    ``epoch_times`` (a list) receives the wall time of each training epoch (benchmarks compare it with merging).
+    """
+    import time
+
+    from recbole.utils import init_seed
+
+    from recbole_weaverec.model.twotower.textseqrec import TextSeqRec
+    from recbole_weaverec.quick_start import get_trainer_class, prepare
+
+    dataset, train, valid, _ = prepare(dconfig)
+    init_seed(dconfig["seed"], dconfig["reproducibility"])
+    model = TextSeqRec(dconfig, train._dataset).to(dconfig["device"])
+    trainer = get_trainer_class(dconfig, TextSeqRec)(dconfig, model)
+    if epoch_times is not None:
+        train_epoch = trainer._train_epoch
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = train_epoch(*args, **kwargs)
+            epoch_times.append(time.perf_counter() - start)
+            return out
+
+        trainer._train_epoch = timed
+    try:
+        trainer.fit(train, valid, saved=True, show_progress=show_progress)
+        best = torch.load(trainer.saved_model_file, map_location="cpu", weights_only=True)["state_dict"]
+        model.load_state_dict(best)
+    finally:
+        if os.path.isfile(trainer.saved_model_file):
+            os.remove(trainer.saved_model_file)  # the domain model is kept as safetensors instead
+    return model
+
+
+def domain_models(config, tconfig, domains, show_progress=False):
+    """{domain: (encoder state dict, meta)}: loaded when saved before, else fine-tuned on that domain only."""
+    from recbole_weaverec.textembed import resolve_encoder_path
+
+    logger = getLogger()
+    encoder_path = resolve_encoder_path(tconfig["text_encoder_path"])
+    out = {}
+    for name in domains:
+        dconfig = domain_text_config(tconfig, name)
+        path, writable = finetuned_path(config, dconfig, encoder_path)
+        if path.is_file():
+            state, meta = load_domain_model(path)
+            logger.info(f"MergeRec: domain {name}: reusing fine-tuned model {path}")
+        else:
+            if not config["merge_finetune"]:
+                raise FileNotFoundError(f"no fine-tuned model for domain {name!r} at {path} and merge_finetune is "
+                                        f"False")
+            logger.info(f"MergeRec: domain {name}: fine-tuning TextSeqRec on its own data")
+            model = finetune_domain(dconfig, show_progress)
+            state = {f"{k}": v for k, v in model.tower.encoder.state_dict().items()}
+            meta = encoder_meta(model, name)
+            if writable:
+                save_domain_model(path, state, meta)
+                logger.info(f"MergeRec: domain {name}: saved to {path}")
+            del model
+        out[name] = (state, meta)
+    return out

@@ -1,0 +1,241 @@
+"""MergeRec: one text two-tower recommender for many data-isolated domains, by merging per-domain models.
+
+(0) a TextSeqRec is fine-tuned per domain on that domain's own data (or loaded, when saved before);
+(1) task vectors τ_k = θ_k − θ_base and a merge initialisation (average | task arithmetic | TIES, peft's rules via
+    ``recbole_weaverec.merging``), coefficients per domain ("task") or per domain and layer ("layer");
+(2) pseudo-users: every item of each domain as a one-item history, scored by that domain's fine-tuned model;
+(3) only the coefficients are learned, by distilling the teachers' scores into the merged model.
+No real user interaction of any domain is used in (1)–(3). ``merge_learn: false`` gives the training-free merges.
+The merged model is evaluated on every domain of ``merge_domains`` (its own test split and catalogue);
+``dataset`` is the domain reported first (and the one ``run`` returns as test_result).
+"""
+import time
+from logging import getLogger
+
+import torch
+from recbole.trainer import Trainer
+from recbole.utils import dict2str, set_color
+
+from recbole_weaverec.config import ConfigError
+from recbole_weaverec.data.crossdomain import domain_list
+from recbole_weaverec.model.lae.base import check_choice, check_number
+from recbole_weaverec.model.twotower.domains import (DomainModelMismatchError, check_same_encoder,
+                                                     domain_models, domain_text_config, encoder_meta, text_config)
+from recbole_weaverec.model.twotower.textseqrec import TextSeqRec, check_int, name_list
+
+MERGE_INITS = ("task_arithmetic", "ties", "average")
+GRANULARITIES = ("task", "layer")
+DEFAULT_COEFFICIENT = {"task_arithmetic": 0.2, "ties": 1.0}  # paper's initial values; average: 1/K
+
+
+def _check_bool(config, key):
+    if not isinstance(config[key], bool):
+        raise ConfigError(f"{key}={config[key]!r} is not allowed: expected True or False")
+
+
+class MergeRecTrainer(Trainer):
+    """Runs steps (0)–(3) in ``fit`` and evaluates the merged model on every domain in ``evaluate``."""
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self.pipeline = MergePipeline(self.config, self.model, show_progress)
+        self.pipeline.run()
+        if saved:
+            self._save_checkpoint(0, verbose=verbose)
+        result = None
+        if valid_data is not None:
+            result = Trainer.evaluate(self, valid_data, load_best_model=False, show_progress=show_progress)
+            self.best_valid_score = result[self.valid_metric]
+        self.best_valid_result = result
+        return self.best_valid_score, result
+
+    @torch.no_grad()
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        """The dataset's own result (returned), then every other merged domain on its own test split (logged and
+        kept in ``model.domain_results``)."""
+        result = super().evaluate(eval_data, load_best_model, model_file, show_progress)
+        pipeline = getattr(self, "pipeline", None)
+        if pipeline is None:
+            return result
+        results = {self.config["dataset"]: result}
+        results.update(pipeline.evaluate_domains(self.model.tower.encoder.state_dict(), show_progress,
+                                                 skip=self.config["dataset"]))
+        self.model.domain_results = results
+        pipeline.log_results(results)
+        return result
+
+
+class MergePipeline:
+    def __init__(self, config, model, show_progress=False):
+        self.config = config
+        self.model = model
+        self.tconfig = model.text_config
+        self.show_progress = show_progress
+        self.domains = domain_list(config, "merge_domains", required=True, min_len=2, allow_target=True)
+        self.logger = getLogger()
+        self.timings = {}
+        self._domain = {}  # name -> (TextSeqRec of that domain, its test dataloader)
+
+    # ---- per-domain TextSeqRec instances (item texts of that domain; weights replaced as needed) ------------
+    def domain(self, name):
+        if name not in self._domain:
+            from recbole_weaverec.quick_start import prepare
+
+            dconfig = domain_text_config(self.tconfig, name)
+            _, train, _, test = prepare(dconfig)
+            net = TextSeqRec(dconfig, train._dataset).to(dconfig["device"]).eval()
+            self._domain[name] = (net, test, dconfig)
+        return self._domain[name]
+
+    def run(self):
+        config = self.config
+        # (0) domain models, each from its own data only
+        start = time.perf_counter()
+        states = domain_models(config, self.tconfig, self.domains, self.show_progress)
+        self.timings["domain_models_s"] = time.perf_counter() - start
+        base_meta = encoder_meta(self.model, "pretrained base encoder")
+        metas = [states[d][1] for d in self.domains]
+        for meta in metas[1:]:
+            check_same_encoder(metas[0], meta)
+        check_same_encoder(base_meta, metas[0])
+        self.finetuned = {d: states[d][0] for d in self.domains}
+
+        # (1) task vectors + merge initialisation
+        from recbole_weaverec.merging import AdapterMismatchError, layer_groups, prepare_task_vectors, task_vector
+
+        base = self.model.base_state
+        keys = [k for k, v in base.items() if v.is_floating_point()]
+        tvs = []
+        for d in self.domains:
+            try:
+                tvs.append(task_vector(self.finetuned[d], base, keys))
+            except AdapterMismatchError as e:
+                raise DomainModelMismatchError(f"domain {d!r} does not fine-tune the base encoder "
+                                               f"{self.model.encoder_path}: {e}") from None
+        method = config["merge_init"]
+        prepared = prepare_task_vectors(tvs, method=method, density=config["merge_density"])
+        del tvs
+        group_of, groups = layer_groups(keys)
+        k = len(self.domains)
+        value = config["merge_coefficient"]
+        if value is None:
+            value = DEFAULT_COEFFICIENT.get(method, 1.0 / k)
+        shape = (k,) if config["merge_granularity"] == "task" else (k, len(groups))
+        coefficients = torch.full(shape, float(value))
+        self.groups = groups
+
+        # (2) + (3) learn the coefficients from pseudo-users
+        if config["merge_learn"] and config["merge_steps"] > 0:
+            coefficients = self.learn(base, prepared, coefficients, group_of)
+        from recbole_weaverec.merging import combine_task_vectors
+
+        with torch.no_grad():
+            merged = combine_task_vectors(base, prepared, coefficients, group_of)
+        self.coefficients = coefficients.detach().cpu()
+        self.model.tower.encoder.load_state_dict(merged)
+        self.model.invalidate_item_cache()
+        self.logger.info(set_color("MergeRec coefficients", "blue") + f" ({method}, {config['merge_granularity']}, "
+                         f"domains {self.domains}): {self._format_coefficients()}")
+
+    def _format_coefficients(self):
+        c = self.coefficients
+        if c.dim() == 1:
+            return ", ".join(f"{d}={v:.4f}" for d, v in zip(self.domains, c.tolist()))
+        return "; ".join(f"{d}: mean {row.mean():.4f} (min {row.min():.4f}, max {row.max():.4f})"
+                         for d, row in zip(self.domains, c))
+
+    def learn(self, base, prepared, coefficients, group_of):
+        from tqdm.auto import tqdm
+
+        from recbole_weaverec.model.twotower.distill import CoefficientLearner, teacher_embeddings
+
+        config = self.config
+        start = time.perf_counter()
+        teachers, towers = [], []
+        for d in self.domains:
+            net, _, _ = self.domain(d)
+            net.tower.encoder.load_state_dict(self.finetuned[d])  # domain k's own fine-tuned model = teacher k
+            teachers.append(teacher_embeddings(net, net.encode_batch_size))
+            towers.append(net.tower)
+        self.timings["teacher_s"] = time.perf_counter() - start
+        learner = CoefficientLearner(self.model, base, prepared, coefficients, group_of, towers, teachers,
+                                     lr=config["merge_lr"], batch_size=config["merge_batch_size"],
+                                     kd_weight=config["kd_weight"], kd_temperature=config["kd_temperature"],
+                                     encode_batch_size=self.model.encode_batch_size, seed=config["seed"])
+        start = time.perf_counter()
+        losses = []
+        for step in tqdm(range(config["merge_steps"]), desc="learning merge coefficients",
+                         disable=not self.show_progress):
+            losses.append(learner.step())
+            if (step + 1) % 50 == 0 or step + 1 == config["merge_steps"]:
+                self.logger.info(f"MergeRec step {step + 1}/{config['merge_steps']}: distillation loss "
+                                 f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        self.timings["learn_s"] = time.perf_counter() - start
+        self.losses = losses
+        self.learner = learner
+        return learner.coefficients.detach()
+
+    # ---- evaluation of the merged weights on each domain ---------------------------------------------------
+    def evaluate_domains(self, state, show_progress=False, skip=None, domains=None):
+        results = {}
+        for d in domains or self.domains:
+            if d == skip:
+                continue
+            results[d] = self.evaluate_state(d, state, show_progress)
+        return results
+
+    def evaluate_state(self, name, state, show_progress=False):
+        net, test, dconfig = self.domain(name)
+        net.tower.encoder.load_state_dict(state)
+        net.invalidate_item_cache()
+        trainer = Trainer(dconfig, net)
+        return trainer.evaluate(test, load_best_model=False, show_progress=show_progress)
+
+    def log_results(self, results):
+        metrics = list(next(iter(results.values())).keys())
+        merged = [d for d in results if d in self.domains]
+        avg = {m: sum(results[d][m] for d in merged) / len(merged) for m in metrics}
+        for d, r in results.items():
+            self.logger.info(set_color(f"merged model on {d}", "yellow") + f": {dict2str(r)}")
+        self.logger.info(set_color(f"average over {len(merged)} domains", "yellow") + f": {dict2str(avg)}")
+        return avg
+
+
+class MergeRec(TextSeqRec):
+    """A TextSeqRec (for ``dataset``) that holds the merged weights; TextSeqRec settings apply to every domain."""
+
+    trainer_class = MergeRecTrainer
+
+    @classmethod
+    def validate_config(cls, config):
+        config["merge_domains"] = name_list(config["merge_domains"])  # --merge_domains="[a,b]" from the CLI
+        domains = domain_list(config, "merge_domains", required=True, min_len=2, allow_target=True)
+        check_choice(config, "merge_init", MERGE_INITS)
+        check_choice(config, "merge_granularity", GRANULARITIES)
+        for key in ("merge_learn", "merge_finetune"):
+            _check_bool(config, key)
+        check_number(config, "merge_density", low=0, high=1, low_open=True)
+        if config["merge_coefficient"] is not None:
+            check_number(config, "merge_coefficient")
+        check_number(config, "kd_weight", low=0)
+        check_number(config, "kd_temperature", low=0, low_open=True)
+        check_number(config, "merge_lr", low=0, low_open=True)
+        check_int(config, "merge_steps", low=0)
+        check_int(config, "merge_batch_size")
+        given = config["merge_finetuned"]
+        if given is not None and not isinstance(given, (str, dict)):
+            raise ConfigError(f"merge_finetuned={given!r} is not allowed: expected a folder or a mapping "
+                              f"{{domain: file}}")
+        if isinstance(given, dict):
+            unknown = sorted(set(given) - set(domains))
+            if unknown:
+                raise ConfigError(f"merge_finetuned names {unknown}, which are not in merge_domains={domains}")
+        text_config(config)  # TextSeqRec's own settings, checked for the dataset domain
+
+    def __init__(self, config, dataset):
+        self.validate_config(config)
+        tconfig = text_config(config)
+        super().__init__(tconfig, dataset)
+        self.text_config = tconfig
+        self.domain_results = {}
+        # θ_base: the pretrained encoder every domain model starts from (not part of the checkpoint)
+        self.base_state = {k: v.detach().clone() for k, v in self.tower.encoder.state_dict().items()}

@@ -1,0 +1,188 @@
+"""MergeRec: task vectors, TIES, pseudo-users, coefficient-only learning, KD loss, CLI, bad input (tiny models)."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recbole_weaverec.config import ConfigError
+from recbole_weaverec.data.itemtext import MissingTextFieldError
+from recbole_weaverec.merging import combine_task_vectors, prepare_task_vectors, task_vector
+from recbole_weaverec.model.twotower.distill import distill_loss, pseudo_users
+from recbole_weaverec.quick_start import build_config, run
+
+from conftest import REPO, SHARED_DATA, needs_shared_data, write_slice, write_tiny_dataset
+from test_twotower import make_tiny_encoder
+
+SMALL = {"epochs": 1, "train_batch_size": 16, "max_user_tokens": 32, "max_item_tokens": 12, "learning_rate": 1e-3,
+         "show_progress": False, "state": "WARNING", "merge_steps": 3, "merge_batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mergerec")
+    data = root / "data"
+    write_tiny_dataset(data, "ta", seed=0, n_items=25)
+    write_tiny_dataset(data, "tb", seed=1, n_items=30)
+    encoder = make_tiny_encoder(root / "enc")
+    return {"root": root, "data": data, "encoder": encoder, "cache": root / "cache"}
+
+
+def cfg(world, **kw):
+    return {**SMALL, "data_path": str(world["data"]), "text_encoder_path": world["encoder"],
+            "merge_domains": ["ta", "tb"], "merge_cache_dir": str(world["cache"]), **kw}
+
+
+def pipeline(world, **kw):
+    from recbole.data import create_dataset
+
+    from recbole_weaverec.model.twotower.mergerec import MergePipeline, MergeRec
+
+    config = build_config("MergeRec", "ta", config_dict=cfg(world, **kw))
+    model = MergeRec(config, create_dataset(config).build()[0])
+    return MergePipeline(config, model)
+
+
+def test_task_vectors_round_trip(world, run_dir):
+    pipe = pipeline(world, merge_learn=False)
+    pipe.run()
+    base = pipe.model.base_state
+    keys = [k for k, v in base.items() if v.is_floating_point()]
+    for k, d in enumerate(pipe.domains):
+        tv = task_vector(pipe.finetuned[d], base, keys)
+        assert any(v.abs().max() > 0 for v in tv.values())  # fine-tuning moved the weights
+        onehot = torch.zeros(len(pipe.domains))
+        onehot[k] = 1.0
+        back = combine_task_vectors(base, prepare_task_vectors([task_vector(pipe.finetuned[e], base, keys)
+                                                                 for e in pipe.domains]), onehot)
+        for key in keys:  # θ_base + τ_k = θ_k
+            assert torch.allclose(back[key], pipe.finetuned[d][key], atol=1e-6)
+
+
+def test_ties_trims_elects_and_takes_disjoint_mean():
+    base = {"w": torch.zeros(4)}
+    tvs = [{"w": torch.tensor([3.0, -1.0, 0.1, 2.0])},
+           {"w": torch.tensor([-2.0, -4.0, 0.2, 1.0])},
+           {"w": torch.tensor([1.0, 0.0, -5.0, -0.5])}]
+    prepared = prepare_task_vectors(tvs, method="ties", density=0.5)
+    # trim to the 2 largest |τ| each: [3,0,0,2], [-2,-4,0,0], [1,0,-5,0]; signs by total mass: +, -, -, +;
+    # disjoint mean of the agreeing entries: (3+1)/2, -4, -5, 2
+    merged = combine_task_vectors(base, prepared, torch.ones(3))
+    assert torch.allclose(merged["w"], torch.tensor([2.0, -4.0, -5.0, 2.0]))
+
+
+def test_pseudo_users_one_sequence_per_item_per_domain():
+    users = pseudo_users([4, 6])  # n_items includes the padding item 0
+    assert len(users) == 3 + 5
+    pairs = set(zip(users.domain.tolist(), users.item.tolist()))
+    assert pairs == {(0, i) for i in range(1, 4)} | {(1, i) for i in range(1, 6)}
+
+
+def test_learning_uses_pseudo_users_only_and_only_coefficients_get_gradients(world, run_dir):
+    pipe = pipeline(world, merge_steps=2, merge_granularity="layer")
+    pipe.run()
+    learner = pipe.learner
+    n_items = [pipe.domain(d)[0].n_items for d in pipe.domains]
+    assert len(learner.users) == sum(n - 1 for n in n_items)  # one per item per domain, nothing else
+    assert set(vars(learner.users)) == {"domain", "item"}  # no user ids, no interactions
+    learner.optimizer.zero_grad()
+    learner.loss(*learner.next_batch()).backward()
+    assert learner.coefficients.grad is not None and learner.coefficients.grad.abs().sum() > 0
+    assert learner.coefficients.shape == (2, len(pipe.groups)) and len(pipe.groups) > 2
+    modules = [pipe.model] + [pipe.domain(d)[0] for d in pipe.domains]
+    assert all(p.grad is None for m in modules for p in m.parameters())
+    assert not any(p.requires_grad for p in pipe.model.parameters())
+    assert not torch.equal(pipe.coefficients, torch.full_like(pipe.coefficients, 0.2))  # learned: moved
+
+
+def test_kd_loss_matches_hand_computation():
+    student = torch.tensor([[0.2, -0.1, 0.5], [0.0, 0.3, 0.1]])
+    teacher = torch.tensor([[0.1, 0.4, 0.3], [0.9, -0.2, 0.0]])
+    w, t = 1000.0, 0.05
+    total = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+        target = max(range(3), key=lambda j: t_row[j])
+        ce = -s_row[target] + math.log(sum(math.exp(x) for x in s_row))
+        zs = sum(math.exp(x / t) for x in s_row)
+        zt = sum(math.exp(x / t) for x in t_row)
+        p = [math.exp(x / t) / zt for x in t_row]
+        q = [math.exp(x / t) / zs for x in s_row]
+        kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        total += ce + w * t * t * kl
+    assert distill_loss(student, teacher, w, t).item() == pytest.approx(total / 2, rel=1e-4)
+
+
+def test_training_free_merges_equal_merging_module(world, run_dir):
+    from recbole_weaverec.merging import apply_task_vectors
+
+    pipe = pipeline(world, merge_init="ties", merge_learn=False)
+    pipe.run()
+    base = pipe.model.base_state
+    keys = [k for k, v in base.items() if v.is_floating_point()]
+    expected = apply_task_vectors(base, [task_vector(pipe.finetuned[d], base, keys) for d in pipe.domains],
+                                  torch.ones(2), method="ties", density=0.2)
+    got = pipe.model.tower.encoder.state_dict()
+    assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in keys)
+    assert torch.equal(pipe.coefficients, torch.ones(2))
+
+
+def test_run_reports_every_domain_and_reuses_domain_models(world, run_dir, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    result = run("MergeRec", "tb", config_dict=cfg(world, state="INFO"))
+    assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
+    text = caplog.text
+    assert "merged model on tb" in text and "merged model on ta" in text and "average over 2 domains" in text
+    assert text.index("merged model on tb") < text.index("merged model on ta")  # --dataset shown first
+    assert "reusing fine-tuned model" in text and "fine-tuning TextSeqRec" not in text  # saved by earlier tests
+
+
+def test_one_domain_is_refused(world, run_dir):
+    with pytest.raises(ConfigError, match="merge_domains.*1 domain"):
+        build_config("MergeRec", "ta", config_dict=cfg(world, merge_domains=["ta"]))
+
+
+def test_different_encoders_are_refused_with_both_names(world, run_dir, tmp_path):
+    from recbole_weaverec.model.twotower.domains import DomainModelMismatchError, encoder_meta, save_domain_model
+    from recbole_weaverec.model.twotower.textseqrec import TextSeqRec
+    from recbole_weaverec.model.twotower.domains import text_config
+    from recbole.data import create_dataset
+
+    other = make_tiny_encoder(tmp_path / "other", vocab_size=30600)  # another vocabulary size
+    config = build_config("MergeRec", "tb", config_dict=cfg(world, text_encoder_path=other))
+    tconfig = text_config(config)
+    model = TextSeqRec(tconfig, create_dataset(tconfig).build()[0])
+    save_domain_model(tmp_path / "tb.safetensors", model.tower.encoder.state_dict(), encoder_meta(model, "tb"))
+    pipe = pipeline(world, merge_learn=False, merge_finetuned={"tb": str(tmp_path / "tb.safetensors")})
+    with pytest.raises(DomainModelMismatchError) as e:
+        pipe.run()
+    assert "'ta'" in str(e.value) and "'tb'" in str(e.value) and "vocab_size" in str(e.value)
+
+
+def test_domain_without_text_fields_is_named(world, run_dir):
+    write_tiny_dataset(world["data"], "tnotext", titles=False)
+    with pytest.raises(MissingTextFieldError, match="tnotext"):
+        pipe = pipeline(world, merge_domains=["ta", "tnotext"], merge_learn=False, text_fields=["title", "categories"])
+        pipe.run()
+
+
+@needs_shared_data()
+def test_cli_on_two_real_domain_slices(tmp_path, world):
+    data = tmp_path / "data"
+    for d in ("amazon-toys", "amazon-pantry"):
+        write_slice(SHARED_DATA, d, data, n_users=25)
+    args = [sys.executable, str(REPO / "run_recbole_weaverec.py"), "--model=MergeRec", "--dataset=amazon-toys",
+            "--merge_domains=[amazon-toys,amazon-pantry]", f"--data_path={data}",
+            f"--text_encoder_path={world['encoder']}", f"--merge_cache_dir={tmp_path / 'cache'}", "--merge_steps=2",
+            "--epochs=1", "--max_user_tokens=32", "--max_item_tokens=12", "--merge_granularity=layer"]
+    out = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    log = out.stdout + out.stderr
+    assert "merged model on amazon-toys" in log and "merged model on amazon-pantry" in log
+    assert "average over 2 domains" in log
+    bad = subprocess.run(args[:4] + ["--merge_domains=[amazon-toys]", f"--data_path={data}"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "merge_domains" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
