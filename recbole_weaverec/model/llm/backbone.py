@@ -125,7 +125,8 @@ def load_backbone(path="embedded", device="cpu", dtype=None, cache_dir=None):
 
 def set_base_name(model, name):
     setattr(model.config, NAME_KEY, name)
-    model.config._name_or_path = name  # peft writes this into adapter_config.json (base_model_name_or_path)
+    model.config._name_or_path = name
+    model.name_or_path = name  # peft writes this into adapter_config.json (base_model_name_or_path)
 
 
 def base_name(model):

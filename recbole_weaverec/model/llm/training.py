@@ -170,7 +170,9 @@ def add_lora(model, settings, adapter_name="default"):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        peft_model = get_peft_model(model, settings.lora_config(), adapter_name=adapter_name)
+        lora_config = settings.lora_config()
+        lora_config.base_model_name_or_path = base_name(model)  # adapter_config.json names the base model
+        peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     return peft_model
 
 
