@@ -1,0 +1,285 @@
+"""WeaveRec (arXiv 2510.26546): hybrid LoRAs woven from target and source data, merged into one adapter that is
+folded into the base weights, so the recommender costs exactly what the target-only model costs at inference.
+
+Modules (each a LoRA over the same base LLM, all trained on the target's own task format):
+
+* θ0 = ``<target>``: LoRA on the target's samples only (the same adapter LLMRec trains; reused from
+  ``adapter_paths[<target>]`` or the adapter folder when present).
+* θi = ``<target>~<source_i>``: a *hybrid* LoRA on a seeded shuffle of ``weave_target_samples`` target samples and
+  ``weave_source_samples`` samples of source i. Every sample carries its own domain; source items are written with
+  source titles from the source's own RecBole dataset and never looked up in the target's id space.
+
+Merge at the ΔW = (α/r)·B·A level (so ranks may differ), per adapted module: ΔW = Σ_i w_i·ΔW_i with
+
+* ``weave_merge: average``: w_i = 1/(N+1) (the reference's released setting, λ = 1 for all);
+* ``weave_merge: weights``: w = ``weave_weights`` (θ0 first, then one per source);
+* ``weave_merge: learned``: w = softmax(λ/T) with one λ row per adapted module (``merging.LearnedDeltaMerge``,
+  init λ = 1, i.e. the average), fitted AdaMerging-style on unlabeled target validation prompts: the validation
+  users' histories and their 30 candidates (never which one is the answer) -> minimise the entropy of the merged
+  model's distribution over the candidates; only λ trains.
+
+The merged ΔW is folded into the base weights (``merging.fold_deltas``): the evaluated model is a plain model with
+the base model's parameter count. With ``weave_compare_target_only`` the final evaluation also scores θ0 alone
+(folded the same way) on the same users and candidates and logs both side by side (``target_only_test_result`` in
+the run's result dict).
+
+Adapters are folders named after their module under the adapter folder: ``adapter_dir`` when given, else
+``<checkpoint_dir>/weaverec-adapters/<hash of the training settings>``, so a rerun (or a run interrupted between
+modules) reuses every module already trained with the same settings and trains only the missing ones.
+"""
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recbole_weaverec import merging
+from recbole_weaverec.config import ConfigError
+from recbole_weaverec.data.crossdomain import domain_list, raw_data_path
+from recbole_weaverec.model.lae.base import check_choice, check_number
+from recbole_weaverec.model.llm.base import check_bool, check_int
+from recbole_weaverec.model.llm.llmmerge import LLMMerge
+from recbole_weaverec.model.llm.scoring import score_candidates
+from recbole_weaverec.model.llm.trainer import LLMTrainer
+from recbole_weaverec.model.llm.training import (build_samples, check_adapter_base, ensure_adapter, load_source,
+                                                 mix_samples, training_key)
+
+MERGES = ("average", "weights", "learned")
+HYBRID_SEP = "~"  # hybrid module of target T and source S: "T~S"
+# the bundled sample domains: WeaveRec on toys-sample weaves in beauty-sample unless source_domains is given
+SAMPLE_SOURCES = {"toys-sample": ["beauty-sample"]}
+
+
+class WeaveTrainer(LLMTrainer):
+    """LLMTrainer that hands the validation data to the model (learned merge) and, in the final evaluation, also
+    evaluates θ0 alone on the same data (``weave_compare_target_only``)."""
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self.weave_valid_data = valid_data
+        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        result = super().evaluate(eval_data, load_best_model, model_file, show_progress)
+        model = self.model
+        if self._validating or not eval_data or not model.config["weave_compare_target_only"]:
+            return result
+        with model.target_only():
+            alone = super().evaluate(eval_data, False, model_file, show_progress)
+        model.extra_results = {"target_only_test_result": alone}
+        self.logger.info(model.comparison_table(result, alone, eval_data))
+        return result
+
+
+class WeaveRec(LLMMerge):
+    trainer_class = WeaveTrainer
+
+    @classmethod
+    def validate_config(cls, config):
+        super(LLMMerge, cls).validate_config(config)  # LLMRecommender's checks; LLMMerge's merge_* keys are not ours
+        sources = config["source_domains"] if "source_domains" in config else None
+        if sources is None and config["dataset"] in SAMPLE_SOURCES:
+            default = SAMPLE_SOURCES[config["dataset"]]
+            if all(os.path.isfile(os.path.join(raw_data_path(config), d, f"{d}.inter")) for d in default):
+                config["source_domains"] = sources = list(default)
+        if not sources:
+            raise ConfigError(f"source_domains is empty: WeaveRec needs at least one source domain "
+                              f"(e.g. --source_domains=\"[amazon-beauty]\"); for the target-only model use "
+                              f"--model=LLMRec")
+        sources = domain_list(config, "source_domains", required=True)  # existing, no duplicates, not the target
+        check_choice(config, "weave_merge", MERGES)
+        check_int(config, "weave_target_samples", low=1, allow_none=True)
+        check_int(config, "weave_source_samples", low=1, allow_none=True)
+        check_number(config, "weave_temperature", low=0, low_open=True)
+        check_int(config, "weave_learn_steps", low=1)
+        check_int(config, "weave_learn_users", low=1)
+        check_number(config, "weave_learn_lr", low=0, low_open=True)
+        check_bool(config, "weave_compare_target_only")
+        given = config["weave_weights"]
+        k = len(sources) + 1
+        if config["weave_merge"] == "weights":
+            if not isinstance(given, list) or len(given) != k or not all(
+                    isinstance(w, (int, float)) and not isinstance(w, bool) for w in given):
+                raise ConfigError(f"weave_weights={given!r} is not allowed: weave_merge=weights needs {k} numbers "
+                                  f"(θ0 = target-only module first, then one per source)")
+        elif given is not None:
+            raise ConfigError(f"weave_weights is only used by weave_merge=weights (weave_merge="
+                              f"{config['weave_merge']!r})")
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.extra_results = {}
+        self.module_names = [self.target.name] + [self.hybrid_name(s) for s in self.sources]
+        self.merge_weights = None  # [K] mean mixing weights actually used (per module for `learned`)
+        self._base_weights = None  # W0 of the adapted weights, kept only for the θ0 comparison
+        self._deltas = None
+
+    # --- modules ------------------------------------------------------------------------------------------------
+    def hybrid_name(self, source):
+        return f"{self.target.name}{HYBRID_SEP}{source}"
+
+    def hybrid_key(self, source):
+        return training_key(self.base_name, {self.target.name: self.config["weave_target_samples"],
+                                             source: self.config["weave_source_samples"]},
+                            self.settings, self.builder, self._num_candidates())
+
+    def hybrid_samples(self, source_domain):
+        """θi's training data: ``weave_target_samples`` target samples and ``weave_source_samples`` source
+        samples (each drawn reproducibly from its own domain), shuffled together with the run's seed."""
+        n, seed = self._num_candidates(), self.config["seed"]
+        target = build_samples(self.target, self.config["weave_target_samples"], n, seed)
+        source = build_samples(source_domain, self.config["weave_source_samples"], n, seed)
+        return mix_samples([target, source], seed)
+
+    def hybrid_adapter(self, source, trainer):
+        name = self.hybrid_name(source)
+        if name in self.adapter_paths:
+            return check_adapter_base(self.adapter_paths[name], self.llm)
+
+        def make_samples():
+            domain = load_source(self.config, source)
+            return self.hybrid_samples(domain), {source: domain}
+
+        return ensure_adapter(self.llm, self.adapter_root / name, make_samples, self.builder, self.domains,
+                              self.settings, self.hybrid_key(source), self.show_progress, trainer.logger)
+
+    def default_adapter_root(self, checkpoint_dir):
+        """A folder per training setup, so reruns and interrupted runs find the modules they already trained."""
+        key = training_key(self.base_name, {"target": self.config["max_train_samples"],
+                                            "weave_target": self.config["weave_target_samples"],
+                                            "weave_source": self.config["weave_source_samples"]},
+                           self.settings, self.builder, self._num_candidates())
+        key["seed"] = self.config["seed"]
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        return Path(checkpoint_dir) / "weaverec-adapters" / digest
+
+    # --- merging ------------------------------------------------------------------------------------------------
+    def prepare(self, trainer):
+        if self.config["adapter_dir"]:
+            self.adapter_root = Path(os.path.expanduser(self.config["adapter_dir"]))
+        else:
+            self.adapter_root = self.default_adapter_root(trainer.checkpoint_dir)
+        trainer.logger.info(f"WeaveRec modules: {', '.join(self.module_names)} (adapter folder {self.adapter_root})")
+        folders = [self.domain_adapter(self.target.name, trainer)] + \
+                  [self.hybrid_adapter(s, trainer) for s in self.sources]
+        self.adapter_folders = dict(zip(self.module_names, folders))
+        merging.check_same_base(folders, self.base_name)
+        deltas = [merging.lora_deltas(f, base_model=self.llm) for f in folders]
+        merging.check_compatible(deltas, self.module_names)  # other target modules -> refused, naming both
+        method = self.config["weave_merge"]
+        if method == "learned":
+            merged = self.learn_merge(deltas, trainer)
+        else:
+            weights = None if method == "average" else [float(w) for w in self.config["weave_weights"]]
+            merged = merging.merge_deltas(deltas, weights, method, names=self.module_names)
+            self.merge_weights = [1.0 / len(deltas)] * len(deltas) if weights is None else weights
+        if self.config["weave_compare_target_only"]:
+            self._deltas = (deltas[0], merged)
+            self._base_weights = {k: self.llm.get_submodule(k).weight.detach().to("cpu", copy=True) for k in merged}
+        merging.fold_deltas(self.llm, merged)
+        self.folded = True
+        trainer.logger.info(
+            f"merged {len(folders)} WeaveRec modules ({method}; weights "
+            + ", ".join(f"{n}={w:.3f}" for n, w in zip(self.module_names, self.merge_weights))
+            + ") and folded them into the base weights: "
+            + ", ".join(f"{n}={f}" for n, f in self.adapter_folders.items()))
+
+    def validation_users(self, valid_data, limit):
+        """(history, candidates, order seed) of up to ``limit`` validation users: their prompts and candidate
+        lists only; RecBole's positive-item indices (the labels) are never read."""
+        users = []
+        for batch in valid_data:
+            interaction = batch[0] if isinstance(batch, tuple) else batch
+            items = interaction[self.ITEM_ID].cpu()
+            for rows, history, seed in self._groups(interaction):
+                users.append((history, items[rows].tolist(), seed))
+                if len(users) >= limit:
+                    return users
+        return users
+
+    def candidate_entropy(self, history, candidates, order_seed):
+        """Entropy of softmax(scores) over one user's candidates, differentiable in the model's weights."""
+        listed = list(dict.fromkeys(int(c) for c in candidates))
+        np.random.default_rng([int(self.config["seed"]), int(order_seed)]).shuffle(listed)
+        prompt = self.builder.prompt_ids(self._titles(history), self._titles(listed)
+                                         if self.builder.prompt_candidates else None)
+        answers = [self.builder.answer_ids(self.target.titles[c]) for c in listed]
+        # the scoring function without its inference_mode wrapper, in one chunk (no cache copy), keeps the graph
+        scores = score_candidates.__wrapped__(self.llm, prompt, answers, len(answers), self.tokenizer.pad_token_id)
+        logp = torch.log_softmax(scores, dim=0)
+        return -(logp.exp() * logp).sum()
+
+    def learn_merge(self, deltas, trainer):
+        """λ (one row per adapted module) fitted by entropy minimisation on unlabeled validation prompts."""
+        from torch.nn.utils import parametrize
+        from tqdm.auto import tqdm
+
+        valid = getattr(trainer, "weave_valid_data", None)
+        if not valid:
+            raise ConfigError("weave_merge=learned needs the target's validation split (valid data) to fit λ")
+        users = self.validation_users(valid, self.config["weave_learn_users"])
+        if not users:
+            raise ConfigError("weave_merge=learned found no validation users to fit λ on")
+        merge = merging.LearnedDeltaMerge(deltas, self.module_names, init=1.0,
+                                          temperature=self.config["weave_temperature"]).to(self.device)
+        optimizer = torch.optim.Adam(merge.parameters(), lr=self.config["weave_learn_lr"])
+        rng = np.random.default_rng([int(self.config["seed"]), 23])
+        order, losses = [], []
+        self.llm.eval()  # no dropout: the objective is the deployed model's
+        with merging.patched(self.llm, merge):
+            steps = range(self.config["weave_learn_steps"])
+            for step in tqdm(steps, desc="fitting WeaveRec merge weights", unit="step",
+                             disable=not self.show_progress):
+                if not order:
+                    order = list(rng.permutation(len(users)))
+                history, candidates, seed = users[order.pop()]
+                with parametrize.cached():  # each merged ΔW computed once per step (prompt + answer passes)
+                    loss = self.candidate_entropy(history, candidates, seed)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss))
+        with torch.no_grad():
+            merged = {k: v.detach() for k, v in merge.merged().items()}
+            self.merge_weights = merge.weights().mean(0).tolist()
+            self.learned_lambda = merge.lam.detach().cpu()
+        n = len(losses)
+        head, tail = np.mean(losses[:max(1, n // 4)]), np.mean(losses[-max(1, n // 4):])
+        trainer.logger.info(f"learned merge: {n} steps on {len(users)} validation users, candidate entropy "
+                            f"{head:.4f} (first quarter) -> {tail:.4f} (last quarter)")
+        return merged
+
+    # --- θ0 alone, for the side-by-side comparison ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def target_only(self):
+        """The model computes with W0 + ΔW(θ0) inside, and with W0 + merged ΔW again afterwards (both folded
+        the same way from the saved W0, so the merged model is restored exactly)."""
+        if self._base_weights is None:
+            raise RuntimeError("target_only() needs weave_compare_target_only (W0 is not kept otherwise)")
+        theta0, merged = self._deltas
+
+        def refold(deltas):
+            with torch.no_grad():
+                for key, w0 in self._base_weights.items():
+                    self.llm.get_submodule(key).weight.copy_(w0)
+            merging.fold_deltas(self.llm, deltas)
+
+        refold(theta0)
+        try:
+            yield self
+        finally:
+            refold(merged)
+
+    def comparison_table(self, weave, alone, eval_data):
+        users = len(set(eval_data._dataset.inter_feat[self.USER_ID].tolist()))
+        lines = [f"WeaveRec vs LLMRec (θ0 alone, folded) on the same {users} test users and candidates:",
+                 f"{'metric':<10} {'WeaveRec':>9} {'LLMRec':>9}"]
+        for metric, value in weave.items():
+            lines.append(f"{metric:<10} {value:>9.4f} {alone[metric]:>9.4f}")
+        return "\n".join(lines)
+
+    def num_parameters(self):
+        """Parameters of the evaluated (folded) model: the base model's count."""
+        return sum(p.numel() for p in self.llm.parameters())
