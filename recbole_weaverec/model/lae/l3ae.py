@@ -28,6 +28,21 @@ def _check_positive_int(config, key):
     return value
 
 
+def item_text_embeddings(config, dataset, device=None):
+    """F (float32, items x d): one row per internal item id, row 0 (the padding item) zero; cached on disk."""
+    fields = config["text_fields"]
+    fields = [fields] if isinstance(fields, str) else list(fields)
+    itemtext.check_fields(dataset, fields, require_all=True)
+    texts = itemtext.item_texts(dataset, fields)
+    emb = encode_texts(
+        texts, encoder_path=config["text_encoder_path"], batch_size=config["text_batch_size"],
+        max_length=config["text_max_length"], device=device, cache_dir=config["text_cache_dir"],
+        normalize=config["text_normalize"], cache_key=f"{dataset.dataset_name}.{','.join(fields)}",
+        progress=config["show_progress"])
+    emb[0] = 0.0  # the padding item has no text and must get no prior weight
+    return emb
+
+
 class L3AE(LinearAutoencoder):
     @classmethod
     def validate_config(cls, config):
@@ -49,18 +64,8 @@ class L3AE(LinearAutoencoder):
         resolve_encoder_path(config["text_encoder_path"])  # a missing encoder fails before anything is computed
 
     def item_embeddings(self, dataset):
-        """F: one row per internal item id (row 0, the padding item, is zero), on the model's device and dtype."""
-        fields = self.config["text_fields"]
-        fields = [fields] if isinstance(fields, str) else list(fields)
-        itemtext.check_fields(dataset, fields, require_all=True)
-        texts = itemtext.item_texts(dataset, fields)
-        emb = encode_texts(
-            texts, encoder_path=self.config["text_encoder_path"], batch_size=self.config["text_batch_size"],
-            max_length=self.config["text_max_length"], device=self.device,
-            cache_dir=self.config["text_cache_dir"], normalize=self.config["text_normalize"],
-            cache_key=f"{dataset.dataset_name}.{','.join(fields)}", progress=self.config["show_progress"])
-        emb[0] = 0.0  # the padding item has no text and must get no prior weight
-        return emb.to(device=self.device, dtype=self.dtype)
+        """F on the model's device and dtype."""
+        return item_text_embeddings(self.config, dataset, self.device).to(device=self.device, dtype=self.dtype)
 
     def text_prior(self, F):
         """C (n x n, zero diagonal) from phase 1, via the d x d Woodbury form."""

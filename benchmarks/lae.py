@@ -1,0 +1,225 @@
+"""Linear autoencoders on the four real Amazon domains: our EASE vs RecBole's, and EASE/RLAE/RDLAE/L3AE tuned.
+
+    python benchmarks/lae.py [--data_path ../shared/data] [--domains amazon-pantry amazon-toys ...]
+
+Protocol (everything through RecBole's leave-one-out split and evaluator, full ranking of the whole catalogue):
+- tie_break none and test_history train for every model here, so our models see exactly what RecBole's EASE sees
+  (RecBole's general models score the test split from the training rows only; equal scores keep RecBole's order).
+- eval_batch_size is set to 256 users per batch (256 x n_items).
+- Part 1: our EASE and RecBole's EASE (``recbole:EASE``) at RecBole's default reg_weight 250, each fitted in its own
+  subprocess: fit time (model construction = the closed-form solve), the process's peak RSS (os.wait4), and test
+  Recall@20 / NDCG@20.
+- Part 2: a small greedy search per domain, selected by validation NDCG@20, then the chosen setting's test metrics:
+  EASE reg_weight in {100, 250, 500}; RLAE xi in {0.1, 0.3} at EASE's best reg_weight; RDLAE drop_p in
+  {0.1, 0.25, 0.5} at EASE's reg_weight and RLAE's xi; L3AE (reg_weight_x, reg_weight_f, reg_weight_e) in
+  {(-100, 10, 200) (authors' toys), (-100, 10, 500), (0, 10, 200), (-100, 100, 200)}, default text (title, brand,
+  categories) through the embedded all-MiniLM-L6-v2. Each model's search runs in one subprocess (the dataset is
+  loaded once); the fit time and fit peak memory reported are those of the chosen setting.
+Results go to benchmarks/RESULTS.md ("Linear autoencoders (benchmarks/lae.py)"), rewritten after every domain.
+"""
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SECTION = "Linear autoencoders (benchmarks/lae.py)"
+DOMAINS = ["amazon-pantry", "amazon-toys", "amazon-beauty", "amazon-sports"]  # smallest catalogue first
+SELECT = "ndcg@20"
+COMMON = {"state": "WARNING", "show_progress": False, "tie_break": "none", "test_history": "train"}
+
+EASE_GRID = [{"reg_weight": r} for r in (100.0, 250.0, 500.0)]
+RLAE_XI = (0.1, 0.3)
+RDLAE_P = (0.1, 0.25, 0.5)
+L3AE_GRID = [{"reg_weight_x": x, "reg_weight_f": f, "reg_weight_e": e}
+             for x, f, e in ((-100.0, 10.0, 200.0), (-100.0, 10.0, 500.0), (0.0, 10.0, 200.0), (-100.0, 100.0, 200.0))]
+
+
+# ---------------------------------------------------------------- child: runs inside its own process
+def _status_mb(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key))
+
+
+def _reset_peak():
+    """Reset VmHWM so the next reading is the peak of what follows (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def child(job):
+    sys.path.insert(0, str(REPO))
+    from recbole_weaverec.quick_start import build_config, get_trainer_class, prepare
+
+    base = {**COMMON, "data_path": job["data_path"]}
+    configs = job["configs"]
+    config = build_config(job["model"], job["domain"], config_dict={**base, **configs[0]})
+    dataset, train_data, valid_data, test_data = prepare(config)
+    eval_batch = 256 * dataset.item_num
+    out = {"n_users": dataset.user_num - 1, "n_items": dataset.item_num - 1, "runs": []}
+
+    if job["model"] == "L3AE":  # encode (or load from the cache) once, timed apart from the fits
+        from recbole_weaverec.model.lae.l3ae import item_text_embeddings
+
+        t = time.perf_counter()
+        item_text_embeddings(config, train_data._dataset)
+        out["encode_s"] = time.perf_counter() - t
+
+    best = None
+    for params in configs:
+        config = build_config(job["model"], job["domain"],
+                              config_dict={**base, **params, "eval_batch_size": eval_batch})
+        gc.collect()
+        rss0 = _status_mb("VmRSS")
+        _reset_peak()
+        t = time.perf_counter()
+        model = config.model_class(config, train_data._dataset)
+        fit_s = time.perf_counter() - t
+        fit_peak = _status_mb("VmHWM") - rss0
+        trainer = get_trainer_class(config, config.model_class)(config, model)
+        valid = dict(trainer.evaluate(valid_data, load_best_model=False, show_progress=False))
+        run = {"params": params, "fit_s": fit_s, "fit_peak_mb": fit_peak,
+               "valid": {k: float(v) for k, v in valid.items()}}
+        out["runs"].append(run)
+        print(json.dumps(run), file=sys.stderr, flush=True)
+        if best is None or run["valid"][SELECT] > best[0]["valid"][SELECT]:
+            best = (run, model, trainer)
+        del model, trainer
+    run, model, trainer = best
+    if hasattr(model, "before_test"):
+        model.before_test(valid_data)
+    t = time.perf_counter()
+    test = dict(trainer.evaluate(test_data, load_best_model=False, show_progress=False))
+    out["test_eval_s"] = time.perf_counter() - t
+    out["best"] = {**run, "test": {k: float(v) for k, v in test.items()}}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# ---------------------------------------------------------------- parent
+def run_child(domain, model, configs, data_path, log):
+    """Run one job in a fresh Python; returns its result dict plus the process's peak RSS (MB)."""
+    job = {"domain": domain, "model": model, "configs": configs, "data_path": data_path}
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job)], cwd=log.parent,
+                            stdout=subprocess.PIPE, stderr=open(log, "a"), env=env, text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"error": f"exit {proc.returncode} (see {log})", "peak_rss_mb": usage.ru_maxrss / 1024, "wall_s": wall}
+    result = json.loads(lines[-1][len("RESULT "):])
+    result.update(peak_rss_mb=usage.ru_maxrss / 1024, wall_s=wall)
+    return result
+
+
+def fmt(x, nd=4):
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def params_str(params):
+    return ", ".join(f"{k}={v:g}" for k, v in params.items())
+
+
+def render(results):
+    lines = ["Full ranking, RecBole leave-one-out split (TO + LS valid_and_test), seed 2020, tie_break none, "
+             "test_history train for every row (RecBole's protocol for general models). Times are wall-clock on a "
+             "shared 2-core machine (other jobs were running), so ratios are indicative.", "",
+             "### Our EASE vs RecBole's EASE (reg_weight 250, each fitted in its own process)", "",
+             "| domain | users | items | ours fit s | RecBole fit s | time ratio | ours peak RSS GB | RecBole peak RSS GB "
+             "| ours R@20 / N@20 | RecBole R@20 / N@20 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for domain, res in results.items():
+        ours, theirs = res.get("ours"), res.get("recbole")
+        if not ours or not theirs:
+            continue
+        if "error" in ours or "error" in theirs:
+            lines.append(f"| {domain} | | | {ours.get('error', '')} | {theirs.get('error', '')} | | "
+                         f"{ours['peak_rss_mb'] / 1024:.2f} | {theirs['peak_rss_mb'] / 1024:.2f} | | |")
+            continue
+        o, r = ours["best"], theirs["best"]
+        lines.append(
+            f"| {domain} | {ours['n_users']} | {ours['n_items']} | {o['fit_s']:.1f} | {r['fit_s']:.1f} | "
+            f"{o['fit_s'] / r['fit_s']:.2f}x | {ours['peak_rss_mb'] / 1024:.2f} | {theirs['peak_rss_mb'] / 1024:.2f} | "
+            f"{fmt(o['test']['recall@20'])} / {fmt(o['test']['ndcg@20'])} | "
+            f"{fmt(r['test']['recall@20'])} / {fmt(r['test']['ndcg@20'])} |")
+    lines += ["", "### Tuned on validation NDCG@20, test metrics of the chosen setting", "",
+              "| domain | model | chosen setting | valid N@20 | test R@20 | test N@20 | fit s | fit peak GB | "
+              "settings tried |", "|---|---|---|---|---|---|---|---|---|"]
+    for domain, res in results.items():
+        for model in ("EASE", "RLAE", "RDLAE", "L3AE"):
+            r = res.get(model)
+            if not r:
+                continue
+            if "error" in r:
+                lines.append(f"| {domain} | {model} | {r['error']} | | | | | | |")
+                continue
+            b = r["best"]
+            lines.append(f"| {domain} | {model} | {params_str(b['params'])} | {fmt(b['valid']['ndcg@20'])} | "
+                         f"{fmt(b['test']['recall@20'])} | {fmt(b['test']['ndcg@20'])} | {b['fit_s']:.1f} | "
+                         f"{b['fit_peak_mb'] / 1024:.2f} | {len(r['runs'])} |")
+    enc = [f"{d}: {res['L3AE']['encode_s']:.0f} s" for d, res in results.items()
+           if res.get("L3AE") and "encode_s" in res["L3AE"]]
+    if enc:
+        lines += ["", "L3AE item-text encoding with the embedded all-MiniLM-L6-v2 (once per domain, then read from "
+                  "the on-disk cache; not part of the fit times): " + ", ".join(enc) + "."]
+    lines += ["", "Every validation score of the search (valid N@20):", ""]
+    for domain, res in results.items():
+        for model in ("EASE", "RLAE", "RDLAE", "L3AE"):
+            r = res.get(model)
+            if r and "runs" in r:
+                tried = "; ".join(f"{params_str(x['params'])}: {fmt(x['valid']['ndcg@20'])}" for x in r["runs"])
+                lines.append(f"- {domain} {model}: {tried}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data_path", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--domains", nargs="+", default=DOMAINS)
+    p.add_argument("--log_dir", default="/tmp/lae-bench-logs")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child(json.loads(args.child))
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.results import write_section
+
+    data_path = os.path.abspath(args.data_path)
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for domain in args.domains:
+        res = results.setdefault(domain, {})
+        log = log_dir / f"lae-{domain}.log"
+
+        def step(key, model, configs):
+            print(f"[{time.strftime('%H:%M:%S')}] {domain} {key} ({len(configs)} setting(s))", flush=True)
+            res[key] = run_child(domain, model, configs, data_path, log)
+            print(json.dumps({k: v for k, v in res[key].items() if k != "runs"}), flush=True)
+            return res[key]
+
+        step("ours", "EASE", [{"reg_weight": 250.0}])
+        step("recbole", "recbole:EASE", [{"reg_weight": 250.0}])
+        ease = step("EASE", "EASE", EASE_GRID)
+        lam = ease["best"]["params"]["reg_weight"] if "best" in ease else 250.0
+        rlae = step("RLAE", "RLAE", [{"reg_weight": lam, "xi": xi} for xi in RLAE_XI])
+        xi = rlae["best"]["params"]["xi"] if "best" in rlae else RLAE_XI[0]
+        step("RDLAE", "RDLAE", [{"reg_weight": lam, "xi": xi, "drop_p": q} for q in RDLAE_P])
+        step("L3AE", "L3AE", L3AE_GRID)
+        write_section(SECTION, render(results), command=("python benchmarks/lae.py " + " ".join(
+            a for a in (argv if argv is not None else sys.argv[1:]))).strip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
