@@ -286,7 +286,7 @@ def test_cli_end_to_end_on_two_shared_domains(tmp_path, llm_folder):
     out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     log = out.stdout + out.stderr
-    assert "training LoRA amazon-toys~amazon-beauty" in log and "training LoRA amazon-toys " in log
+    assert "training LoRA amazon-toys~amazon-beauty:" in log and "training LoRA amazon-toys:" in log
     assert "merged 2 WeaveRec modules (average" in log
     assert "WeaveRec vs LLMRec (θ0 alone, folded) on the same 3 test users" in log and "test result" in log
     root = next((tmp_path / "saved" / "weaverec-adapters").iterdir())
