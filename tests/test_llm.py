@@ -14,7 +14,7 @@ from recbole_weaverec.model.llm.backbone import (LLMNotFoundError, embedded_fold
 from recbole_weaverec.model.llm.prompts import IGNORE_INDEX, PromptBuilder
 from recbole_weaverec.model.llm.scoring import naive_scores, score_candidates
 from recbole_weaverec.model.llm.training import (AdapterMismatchError, DomainData, LoraLearner, LoraSettings,
-                                                 Sample, add_lora, build_samples, collate, encode_sample,
+                                                 Sample, add_lora, answer_loss, build_samples, collate, encode_sample,
                                                  load_adapter, save_adapter, train_adapter)
 
 TITLES = ["", "Red wooden toy train with four wagons", "Blue puzzle cube", "Plush teddy bear large",
@@ -71,17 +71,21 @@ def test_answer_only_loss_mask(tokenizer, model):
     assert answer[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert labels[:len(ids) - len(answer)] == [IGNORE_INDEX] * (len(ids) - len(answer))
     assert labels[-len(answer):] == answer == ids[-len(answer):]
-    # the model's loss on a padded batch is the mean cross-entropy over the answer tokens only
+    # the batch loss (left padding, LM head on the last positions only) is the mean cross-entropy over the
+    # answer tokens of each sample computed alone, without padding
     other = b.training_ids(["Plush teddy bear large", "Dollhouse"], "Blue puzzle cube")
     batch = collate([(ids, labels), other], tokenizer.pad_token_id)
     with torch.no_grad():
-        out = model(**batch)
-    logp = torch.log_softmax(out.logits[:, :-1].float(), -1)
-    target = batch["labels"][:, 1:]
-    keep = target != IGNORE_INDEX
-    manual = -logp.gather(-1, target.clamp_min(0)[..., None])[..., 0][keep].mean()
-    assert int(keep.sum()) == len(answer) + len(b.answer_ids("Blue puzzle cube"))
-    assert torch.allclose(out.loss, manual, atol=1e-5)
+        loss = answer_loss(model, batch)
+        total, count = 0.0, 0
+        for x, y in [(ids, labels), other]:
+            logp = torch.log_softmax(model(input_ids=torch.tensor([x])).logits[0, :-1].float(), -1)
+            y = torch.tensor(y[1:])
+            keep = y != IGNORE_INDEX
+            total -= logp[keep].gather(-1, y[keep][:, None]).sum()
+            count += int(keep.sum())
+    assert count == len(answer) + len(b.answer_ids("Blue puzzle cube"))
+    assert torch.allclose(loss, total / count, atol=1e-5)
 
 
 # --- scoring ----------------------------------------------------------------------------------------------------

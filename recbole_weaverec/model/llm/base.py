@@ -152,7 +152,9 @@ class LLMRecommender(SequentialRecommender):
 
     def calculate_loss(self, interaction):
         """Answer-token loss of a collated batch of our samples (RecBole's batches are not used for training)."""
-        return self.llm(**interaction).loss
+        from recbole_weaverec.model.llm.training import answer_loss
+
+        return answer_loss(self.llm, interaction)
 
     def _titles(self, items):
         return [self.target.titles[int(i)] for i in items]

@@ -58,7 +58,8 @@ class WeaveTrainer(LLMTrainer):
     evaluates θ0 alone on the same data (``weave_compare_target_only``)."""
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
-        self.weave_valid_data = valid_data
+        if valid_data is not None or not hasattr(self, "weave_valid_data"):  # a caller may set it beforehand
+            self.weave_valid_data = valid_data
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
