@@ -244,10 +244,13 @@ class WeaveRec(LLMMerge):
                 losses.append(float(loss))
         with torch.no_grad():
             merged = {k: v.detach() for k, v in merge.merged().items()}
-            self.merge_weights = merge.weights().mean(0).tolist()
+            w = merge.weights()
+            self.merge_weights = w.mean(0).tolist()
+            self.merge_weight_range = list(zip(w.min(0).values.tolist(), w.max(0).values.tolist()))
             self.learned_lambda = merge.lam.detach().cpu()
         n = len(losses)
         head, tail = np.mean(losses[:max(1, n // 4)]), np.mean(losses[-max(1, n // 4):])
+        self.learn_entropy = (float(head), float(tail))
         trainer.logger.info(f"learned merge: {n} steps on {len(users)} validation users, candidate entropy "
                             f"{head:.4f} (first quarter) -> {tail:.4f} (last quarter)")
         return merged
