@@ -274,6 +274,38 @@ def test_items_without_title_error_unless_fallback(tmp_path):
     assert d.titles[1].startswith("Brand") and len(d.titles) == dataset.item_num
 
 
+def test_predict_groups_rows_by_user_and_never_lists_candidates_in_recbole_order(tmp_path, tiny_llm_folder):
+    from recbole.data.interaction import Interaction
+
+    from recbole_weaverec.model.llm.base import FullSortTooLargeError
+    from recbole_weaverec.model.llm.llmrec import LLMRec
+    from recbole_weaverec.quick_start import build_config, prepare
+
+    data = write_tiny_dataset(tmp_path / "data", n_items=12)
+    config = build_config("LLMRec", "tiny", config_dict={"data_path": str(data), "llm_path": tiny_llm_folder,
+                                                         "max_train_samples": 2, "show_progress": False,
+                                                         "max_full_sort_items": 5})
+    _, train_data, _, _ = prepare(config)
+    model = LLMRec(config, train_data._dataset)
+    listed = []
+    original = model.builder.prompt_ids
+    model.builder.prompt_ids = lambda h, c=None: listed.append(c) or original(h, c)
+    cands = [[3, 1, 4, 5, 9, 2, 6, 8], [7, 1, 2, 3, 4, 5, 6, 8]]  # RecBole's order: true item first
+    seq = torch.tensor([[1, 2, 0], [4, 5, 6]])
+    rows = {"user_id": torch.tensor([1] * 8 + [2] * 8), "item_id": torch.tensor(cands[0] + cands[1]),
+            "item_id_list": seq.repeat_interleave(8, 0), "item_length": torch.tensor([2] * 8 + [3] * 8)}
+    scores = model.predict(Interaction(rows))
+    assert len(listed) == 2  # one prompt per user, not per row
+    for user, candidates in enumerate(cands):
+        titles = [model.target.titles[i] for i in candidates]
+        assert sorted(listed[user]) == sorted(titles) and listed[user] != titles
+        history = seq[user][:2 + user].tolist()
+        alone = model.score_user(history, candidates, order_seed=(user + 1) * 1000003 + 2 + user)
+        assert torch.allclose(scores[8 * user:8 * user + 8], alone, atol=1e-5)
+    with pytest.raises(FullSortTooLargeError, match="max_full_sort_items=5"):
+        model.full_sort_predict(Interaction({k: v[:1] for k, v in rows.items()}))
+
+
 # --- end to end through the command -------------------------------------------------------------------------------
 def _run(args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
