@@ -12,6 +12,13 @@ def build_parser():
     p.add_argument("--model", "-m", default=None, help="model name (ours or RecBole's; recbole:NAME forces RecBole's)")
     p.add_argument("--dataset", "-d", default=None, help="dataset name under data_path (default: toys-sample)")
     p.add_argument("--config_files", default=None, help="space-separated YAML files")
+    # RecBole's multi-process keys (see recbole_weaverec/distributed.py and the README's "Scaling out")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (default 1)")
+    p.add_argument("--world_size", type=int, default=-1, help="processes on all machines (default: nproc)")
+    p.add_argument("--ip", default="localhost", help="address of the machine running global rank 0")
+    p.add_argument("--port", default="5678", help="free TCP port on that machine")
+    p.add_argument("--offset", "--group_offset", dest="group_offset", type=int, default=0,
+                   help="global rank of this machine's first process (machine k of M: k*nproc)")
     return p
 
 
@@ -28,7 +35,8 @@ def main(argv=None):
         if model is None and not files and not any(a.startswith("--model=") for a in extra):
             from recbole_weaverec.quick_start import DEFAULT_MODEL
             model = DEFAULT_MODEL
-        run(model=model, dataset=args.dataset, config_file_list=files, cmd_args=extra)
+        run(model=model, dataset=args.dataset, config_file_list=files, cmd_args=extra, nproc=args.nproc,
+            world_size=args.world_size, ip=args.ip, port=args.port, group_offset=args.group_offset)
     except (ConfigError, UnknownModelError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

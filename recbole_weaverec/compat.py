@@ -117,3 +117,8 @@ def _patch_recbole_trainers():
 
 
 _patch_recbole_trainers()
+
+# multi-process runs (RecBole's nproc/world_size keys): DDP on CPU, exact gathered evaluation, rank-0-only output
+from recbole_weaverec.distributed import patch_recbole_trainers  # noqa: E402
+
+patch_recbole_trainers()

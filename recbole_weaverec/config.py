@@ -111,6 +111,12 @@ class WeaveConfig(Config):
             final["eval_args"] = {**final.get("eval_args", {}), "mode": final["eval_mode"]}
         return final
 
+    def _init_device(self):
+        # multi-process runs: gloo + CPU without CUDA, nccl + cuda:local_rank with it (RecBole: nccl only)
+        from recbole_weaverec.distributed import init_device
+
+        init_device(self, super()._init_device)
+
     def _set_default_parameters(self):
         super()._set_default_parameters()
         data_path = self.final_config_dict["data_path"]

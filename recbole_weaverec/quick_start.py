@@ -10,7 +10,7 @@ from logging import getLogger
 
 from recbole_weaverec import compat  # noqa: F401
 from recbole.data import create_dataset, data_preparation
-from recbole.utils import get_trainer, init_logger, init_seed, set_color
+from recbole.utils import get_trainer, init_seed, set_color
 
 from recbole_weaverec.config import ConfigError, WeaveConfig
 
@@ -111,14 +111,27 @@ def prepare(config):
     return dataset, train_data, valid_data, test_data
 
 
-def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, cmd_args=None):
+def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, cmd_args=None,
+        nproc=1, world_size=-1, ip="localhost", port="5678", group_offset=0):
     """Train and evaluate like ``recbole.quick_start.run_recbole``; returns the same dict.
 
-    ``model`` is a name (ours, RecBole's, or ``recbole:NAME`` for RecBole's) or a class.
+    ``model`` is a name (ours, RecBole's, or ``recbole:NAME`` for RecBole's) or a class. ``nproc``/``world_size``/
+    ``ip``/``port``/``group_offset`` are RecBole's ``run`` arguments: ``nproc`` > 1 (or ``world_size`` > 0) spawns
+    data-parallel processes (see ``distributed``) and returns global rank 0's dict.
     """
+    if nproc != 1 or world_size > 0:
+        from recbole_weaverec import distributed
+
+        distributed.check_launch(nproc, world_size, group_offset)
+        build_config(model, dataset, config_file_list, config_dict, cmd_args)  # bad input: one line, before spawning
+        return distributed.spawn(dict(model=model, dataset=dataset, config_file_list=config_file_list,
+                                      config_dict=config_dict, saved=saved, cmd_args=cmd_args),
+                                 nproc, world_size, ip, port, group_offset)
     config = build_config(model, dataset, config_file_list, config_dict, cmd_args)
     logs_before = set(glob.glob("log/**/*.log", recursive=True))
-    init_logger(config)
+    from recbole_weaverec.distributed import init_logger as init_rank_logger  # log file on rank 0 only
+
+    init_rank_logger(config)
     try:
         return _run(config, saved)
     except BaseException:

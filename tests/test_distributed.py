@@ -1,0 +1,177 @@
+"""Data-parallel runs on 2 CPU processes (gloo) against 1 process: same weights, same metrics, output on rank 0 only.
+
+Each test starts 2 processes with torch.multiprocessing (as RecBole's run(nproc=2) does), on a free port.
+"""
+import glob
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import write_tiny_dataset
+from recbole_weaverec import distributed
+from recbole_weaverec.config import ConfigError
+from recbole_weaverec.quick_start import run
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank, world, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+
+# --- pure helpers -----------------------------------------------------------------------------------------------
+def test_shard_covers_each_global_batch_once():
+    items = list(range(7))
+    shards = [distributed.shard(items, r, 3) for r in range(3)]
+    assert sorted(sum(shards, [])) == items and [len(s) for s in shards] == [3, 2, 2]
+    assert distributed.shard([5], 1, 2) == []  # a batch smaller than the world leaves a rank empty
+    assert distributed.loss_weight(3, 7) == pytest.approx(3 / 7) and distributed.loss_weight(0, 0) == 0.0
+    # one process: everything, weight 1
+    assert distributed.shard_batch(items) == (items, 1.0)
+
+
+def test_bad_launch_arguments_are_one_line_errors():
+    with pytest.raises(ConfigError, match="nproc=0"):
+        distributed.check_launch(0, -1, 0)
+    with pytest.raises(ConfigError, match="offset=2 \\+ nproc=2 exceeds world_size=3"):
+        distributed.check_launch(2, 3, 2)
+    with pytest.raises(ConfigError, match="world_size=0"):
+        distributed.check_launch(1, 0, 0)
+
+
+# --- training: 2 processes == 1 process with the same global batch ---------------------------------------------
+def _mlp_training(steps_out):
+    """A tiny MLP trained with the helpers on uneven global batches (13 samples, batch 4: shards 2/2 and a last
+    batch of one sample, where one rank has nothing), Adam + gradient clipping."""
+    torch.manual_seed(0)
+    x, y = torch.randn(13, 4), torch.randn(13, 1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for epoch in range(3):
+        for start in range(0, 13, 4):
+            rows, weight = distributed.shard_batch(list(range(start, min(start + 4, 13))))
+            opt.zero_grad()
+            if rows:
+                loss = torch.nn.functional.mse_loss(model(x[rows]), y[rows])
+                (loss * weight).backward()
+            distributed.all_reduce_grads(model.parameters())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+    steps_out.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def _lora_training(out):
+    """The LLM LoRA learner on a tiny random Llama: global batch 3 (shards 2/1), gradient accumulation 2."""
+    from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer, tiny_llama
+    from recbole_weaverec.model.llm.prompts import PromptBuilder
+    from recbole_weaverec.model.llm.training import DomainData, LoraLearner, LoraSettings, Sample, add_lora
+
+    tokenizer = load_tokenizer(str(embedded_folder()))
+    settings = LoraSettings(r=4, alpha=8, dropout=0.0, learning_rate=1e-2, warmup_ratio=0.0, epochs=2, batch_size=3,
+                            grad_accum=2, clip_grad_norm=1.0, seed=3)
+    samples = [Sample("toys", (1, 2, 3), 4, (4, 5, 6)), Sample("toys", (2, 3), 7, (8, 7, 1)),
+               Sample("toys", (5,), 6, (6, 2, 3)), Sample("toys", (8, 1, 2, 4), 3, (3, 5, 7)),
+               Sample("toys", (6, 7), 1, (1, 2, 8)), Sample("toys", (4,), 2, (2, 6, 5)),
+               Sample("toys", (3, 5, 8), 6, (7, 6, 4))]
+    model = add_lora(tiny_llama(tokenizer, seed=0), settings)
+    learner = LoraLearner(model, settings, len(samples))
+    builder = PromptBuilder(tokenizer, 5, 12, True)
+    titles = ["", "Red wooden toy train", "Blue puzzle cube", "Plush teddy bear large", "Magnetic letters",
+              "Board game of strategy", "Watercolor paint set", "Remote control racing car", "Dollhouse kit"]
+    domains = {"toys": DomainData("toys", None, titles, len(titles))}
+    losses = [learner.epoch(samples, builder, domains, e) for e in range(settings.epochs)]
+    out.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    out["losses"] = torch.tensor(losses)
+
+
+def _training_worker(rank, world, port, folder):
+    _init(rank, world, port)
+    try:
+        mlp, lora = {}, {}
+        _mlp_training(mlp)
+        _lora_training(lora)
+        torch.save({"mlp": mlp, "lora": lora}, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_train_the_same_weights_as_one(tmp_path):
+    one_mlp, one_lora = {}, {}
+    _mlp_training(one_mlp)
+    _lora_training(one_lora)
+    mp.spawn(_training_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, one in (("mlp", one_mlp), ("lora", one_lora)):
+        for key, value in one.items():
+            for r in ranks:  # every rank ends with the weights of the 1-process run
+                assert torch.allclose(r[name][key], value, atol=1e-5, rtol=1e-4), (name, key)
+        # and training did move them (a test that cannot pass by doing nothing)
+    assert any("lora_B" in k and one_lora[k].abs().sum() > 0 for k in one_lora)
+
+
+# --- evaluation: sharded and gathered == one process --------------------------------------------------------------
+def _config(data, mode, **extra):
+    return {"data_path": str(data), "eval_mode": mode, "metrics": ["NDCG", "Hit", "MRR"], "topk": [1, 5, 10],
+            "show_progress": False, "eval_batch_size": 120, "checkpoint_dir": "saved", **extra}
+
+
+CASES = [("EASE", "full", {}), ("SASRec", "uni29", {"epochs": 0}), ("SASRec", "full", {"epochs": 0})]
+
+
+def _eval_worker(rank, world, port, data, out_file):
+    results = []
+    try:
+        for model, mode, extra in CASES:  # RecBole's keys, as run(nproc=2) sets them; the group is opened once
+            cfg = {**_config(data, mode, **extra), "local_rank": rank, "nproc": world, "world_size": world,
+                   "ip": "127.0.0.1", "port": str(port), "offset": 0}
+            results.append(run(model, "tiny", config_dict=cfg))
+        if rank == 0:
+            with open(out_file, "w") as f:
+                json.dump(results, f, default=float)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _plain(result):
+    return json.loads(json.dumps(result, default=float))
+
+
+def test_sharded_evaluation_equals_one_process(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # 37 users: the DistributedSampler pads one shard with a repeated user, which must not be counted
+    data = write_tiny_dataset(tmp_path / "data", n_users=37)
+    single = [_plain(run(model, "tiny", config_dict=_config(data, mode, **extra))) for model, mode, extra in CASES]
+    mp.spawn(_eval_worker, args=(2, free_port(), str(data), str(tmp_path / "out.json")), nprocs=2, join=True)
+    double = json.loads((tmp_path / "out.json").read_text())
+    for (model, mode, _), one, two in zip(CASES, single, double):
+        assert two["test_result"] == one["test_result"], (model, mode)
+        assert two["best_valid_result"] == one["best_valid_result"], (model, mode)
+        assert one["test_result"]["hit@10"] > 0
+
+
+def test_run_nproc_2_matches_one_process_and_writes_on_rank_0_only(tmp_path, monkeypatch):
+    data = write_tiny_dataset(tmp_path / "data", n_users=37)
+    cfg = _config(data, "uni29")
+    for sub in ("one", "two"):
+        (tmp_path / sub).mkdir()
+    monkeypatch.chdir(tmp_path / "one")
+    one = run("EASE", "tiny", config_dict=dict(cfg))
+    monkeypatch.chdir(tmp_path / "two")
+    two = run("EASE", "tiny", config_dict=dict(cfg), nproc=2, ip="127.0.0.1", port=str(free_port()))
+    assert _plain(two) == _plain(one)
+    # one log file and one checkpoint, as with one process (rank 1 writes nothing)
+    for sub in ("one", "two"):
+        os.chdir(tmp_path / sub)
+        assert len(glob.glob("log/**/*.log", recursive=True)) == 1, sub
+        assert len(glob.glob("saved/*.pth")) == 1, sub
+        assert len(glob.glob("log_tensorboard/*")) <= 1, sub
