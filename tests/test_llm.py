@@ -99,6 +99,11 @@ def test_kv_cache_scoring_equals_naive_log_likelihood(tokenizer, model):
     assert torch.allclose(fast, slow, atol=1e-4), (fast - slow).abs().max()
     # the cache of one call never leaks into the next (a fresh cache per user)
     assert torch.allclose(score_candidates(model, prompt, answers, chunk_size=64), fast, atol=1e-5)
+    # differentiable variant (for learned merge coefficients): same values, gradients reach the weights
+    with_grad = score_candidates(model, prompt, answers, grad=True)
+    assert with_grad.requires_grad and torch.allclose(with_grad.detach().cpu(), fast, atol=1e-5)
+    with_grad.logsumexp(0).backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
 # --- training ---------------------------------------------------------------------------------------------------

@@ -21,9 +21,19 @@ def _answer_batch(answers, pad_id, device):
     return ids, lengths
 
 
-@torch.inference_mode()
-def score_candidates(model, prompt_ids, answers, chunk_size=64, pad_id=0):
-    """Length-normalised log-likelihood (float32 tensor [len(answers)]) of each answer given the prompt."""
+def score_candidates(model, prompt_ids, answers, chunk_size=64, pad_id=0, grad=False):
+    """Length-normalised log-likelihood (float32 tensor [len(answers)]) of each answer given the prompt.
+
+    ``grad=True`` keeps the autograd graph (e.g. to fit merge coefficients on these scores): all candidates then go
+    in one chunk, and the scores stay on the model's device."""
+    if grad:
+        with torch.enable_grad():
+            return _score(model, prompt_ids, answers, max(1, len(answers)), pad_id, keep_graph=True)
+    with torch.inference_mode():
+        return _score(model, prompt_ids, answers, chunk_size, pad_id, keep_graph=False)
+
+
+def _score(model, prompt_ids, answers, chunk_size, pad_id, keep_graph):
     device = next(model.parameters()).device
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     # only the last prompt position's logits are needed (the vocabulary projection is ~20% of a small LM's work)
@@ -34,7 +44,7 @@ def score_candidates(model, prompt_ids, answers, chunk_size=64, pad_id=0):
     for start in range(0, len(answers), chunk_size):
         chunk = answers[start:start + chunk_size]
         ids, lengths = _answer_batch(chunk, pad_id, device)
-        logp = first[ids[:, 0]].clone()
+        logp = first[ids[:, 0]]
         if ids.shape[1] > 1:
             cache = copy.deepcopy(prompt_cache) if start + chunk_size < len(answers) else prompt_cache
             cache.batch_repeat_interleave(len(chunk))
@@ -45,7 +55,8 @@ def score_candidates(model, prompt_ids, answers, chunk_size=64, pad_id=0):
             mask = torch.arange(1, ids.shape[1], device=device)[None, :] < lengths[:, None]
             logp = logp + (token_logp * mask).sum(1)
         scores.append(logp / lengths)
-    return torch.cat(scores).float().cpu()
+    out = torch.cat(scores).float()
+    return out if keep_graph else out.cpu()
 
 
 @torch.inference_mode()
