@@ -207,8 +207,7 @@ class WeaveRec(LLMMerge):
         prompt = self.builder.prompt_ids(self._titles(history), self._titles(listed)
                                          if self.builder.prompt_candidates else None)
         answers = [self.builder.answer_ids(self.target.titles[c]) for c in listed]
-        # the scoring function without its inference_mode wrapper, in one chunk (no cache copy), keeps the graph
-        scores = score_candidates.__wrapped__(self.llm, prompt, answers, len(answers), self.tokenizer.pad_token_id)
+        scores = score_candidates(self.llm, prompt, answers, pad_id=self.tokenizer.pad_token_id, grad=True)
         logp = torch.log_softmax(scores, dim=0)
         return -(logp.exp() * logp).sum()
 
