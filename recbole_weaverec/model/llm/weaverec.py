@@ -222,7 +222,10 @@ class WeaveRec(LLMMerge):
         users = self.validation_users(valid, self.config["weave_learn_users"])
         if not users:
             raise ConfigError("weave_merge=learned found no validation users to fit λ on")
-        merge = merging.LearnedDeltaMerge(deltas, self.module_names, init=1.0,
+        # the stacked ΔW are kept in the model's dtype (bf16 on CUDA: K full-size deltas of a 7B model in fp32 would
+        # not fit next to it); λ and the softmax stay fp32
+        dtype = next(self.llm.parameters()).dtype
+        merge = merging.LearnedDeltaMerge(deltas, self.module_names, init=1.0, dtype=dtype,
                                           temperature=self.config["weave_temperature"]).to(self.device)
         optimizer = torch.optim.Adam(merge.parameters(), lr=self.config["weave_learn_lr"])
         rng = np.random.default_rng([int(self.config["seed"]), 23])
