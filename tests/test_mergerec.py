@@ -134,10 +134,17 @@ def test_run_reports_every_domain_and_reuses_domain_models(world, run_dir, caplo
     caplog.set_level(logging.INFO)
     result = run("MergeRec", "tb", config_dict=cfg(world, state="INFO"))
     assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
+    if "domain_test_results" in result:  # quick_start passes a model's extra_results through
+        assert set(result["domain_test_results"]) == {"ta", "tb"}
+        assert result["domain_test_results"]["tb"] == result["test_result"]
+        avg = result["average_test_result"]["ndcg@10"]
+        assert avg == pytest.approx(sum(r["ndcg@10"] for r in result["domain_test_results"].values()) / 2)
     text = caplog.text
     assert "merged model on tb" in text and "merged model on ta" in text and "average over 2 domains" in text
     assert text.index("merged model on tb") < text.index("merged model on ta")  # --dataset shown first
-    assert "reusing fine-tuned model" in text and "fine-tuning TextSeqRec" not in text  # saved by earlier tests
+    caplog.clear()
+    run("MergeRec", "ta", config_dict=cfg(world, state="INFO", merge_learn=False))  # a later run: models reused
+    assert "reusing fine-tuned model" in caplog.text and "fine-tuning TextSeqRec" not in caplog.text
 
 
 def test_one_domain_is_refused(world, run_dir):

@@ -60,7 +60,9 @@ class MergeRecTrainer(Trainer):
         results.update(pipeline.evaluate_domains(self.model.tower.encoder.state_dict(), show_progress,
                                                  skip=self.config["dataset"]))
         self.model.domain_results = results
-        pipeline.log_results(results)
+        average = pipeline.log_results(results)
+        # run() adds these to its dict (quick_start picks up a model's extra_results)
+        self.model.extra_results = {"domain_test_results": results, "average_test_result": average}
         return result
 
 
@@ -195,7 +197,8 @@ class MergePipeline:
         merged = [d for d in results if d in self.domains]
         avg = {m: sum(results[d][m] for d in merged) / len(merged) for m in metrics}
         for d, r in results.items():
-            self.logger.info(set_color(f"merged model on {d}", "yellow") + f": {dict2str(r)}")
+            unseen = "" if d in self.domains else " (not merged: unseen domain)"
+            self.logger.info(set_color(f"merged model on {d}{unseen}", "yellow") + f": {dict2str(r)}")
         self.logger.info(set_color(f"average over {len(merged)} domains", "yellow") + f": {dict2str(avg)}")
         return avg
 
@@ -237,5 +240,6 @@ class MergeRec(TextSeqRec):
         super().__init__(tconfig, dataset)
         self.text_config = tconfig
         self.domain_results = {}
+        self.extra_results = None
         # θ_base: the pretrained encoder every domain model starts from (not part of the checkpoint)
         self.base_state = {k: v.detach().clone() for k, v in self.tower.encoder.state_dict().items()}
