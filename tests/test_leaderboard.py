@@ -1,0 +1,267 @@
+"""Leaderboard: config validation, grid expansion, caching, failure isolation, markdown, a real tiny run."""
+import csv
+import json
+
+import pytest
+import yaml
+
+from recbole_weaverec import leaderboard as lb
+from recbole_weaverec.leaderboard import (Leaderboard, LeaderboardConfigError, expand_grid, main, render_markdown,
+                                          validate_config)
+
+from conftest import write_tiny_dataset
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = tmp_path / "data"
+    for name, seed in (("tiny", 0), ("tinyb", 1), ("tinyc", 2)):
+        write_tiny_dataset(root, name, seed=seed)
+    return root
+
+
+def board(data, tmp_path, **over):
+    raw = {"data_path": str(data), "output_dir": str(tmp_path / "out"), "datasets": ["tiny", "tinyb"],
+           "seeds": [1, 2], "protocols": ["full", "uni29"], "models": ["EASE", "Pop"]}
+    raw.update(over)
+    return validate_config(raw)
+
+
+class FakeRunner:
+    """Stands in for the subprocess: counts calls, fails the cells of a chosen label."""
+
+    def __init__(self, fail_label=None, interrupt_after=None):
+        self.calls = []
+        self.fail_label = fail_label
+        self.interrupt_after = interrupt_after
+
+    def __call__(self, cell):
+        if self.interrupt_after is not None and len(self.calls) == self.interrupt_after:
+            raise KeyboardInterrupt
+        self.calls.append(cell["hash"])
+        if cell["label"] == self.fail_label:
+            return {"status": "failed", "error": "ConfigError: reg_weight='abc' is not a number", "metrics": {},
+                    "wall_s": 0.1, "history": "", "model_type": ""}
+        score = 0.1 * (len(cell["label"]) % 5) + 0.01 * cell["seed"]
+        return {"status": "ok", "error": "", "metrics": {"ndcg@10": score, "recall@10": 2 * score},
+                "wall_s": 0.5, "history": "train+valid", "model_type": "TRADITIONAL", "valid_score": score}
+
+
+def test_grid_expansion(data, tmp_path):
+    cfg = board(data, tmp_path, models=[
+        {"model": "EASE", "seeds": [1]},
+        "Pop",
+        {"model": "SASRec", "protocols": ["uni29"], "datasets": ["tiny"], "config": {"epochs": 2}},
+        {"model": "BPR", "label": "BPR-x", "source_domains": ["others", ["tinyb", "tinyc"]]},
+        {"model": "GRU4Rec", "merge_domains": "all", "seeds": [3], "protocols": ["full"]},
+    ])
+    cells = expand_grid(cfg)
+    by = lambda label: [c for c in cells if c["label"] == label]  # noqa: E731
+    assert len(by("EASE")) == 2 * 2 * 1 and len(by("Pop")) == 2 * 2 * 2
+    assert len(by("SASRec")) == 2 and {c["protocol"] for c in by("SASRec")} == {"uni29"}
+    # BPR: 'others' -> the other board dataset; [tinyb, tinyc] loses the target tinyb when tinyb is the target
+    bpr = {(c["protocol"], c["dataset"], tuple(c["sources"]), c["seed"]) for c in by("BPR-x")}
+    assert ("full", "tiny", ("tinyb",), 1) in bpr and ("full", "tinyb", ("tiny",), 2) in bpr
+    assert ("full", "tiny", ("tinyb", "tinyc"), 1) in bpr and ("uni29", "tinyb", ("tinyc",), 2) in bpr
+    assert len(bpr) == 2 * 2 * 2 * 2
+    merge = by("GRU4Rec")
+    assert len(merge) == 2 and all(c["config"]["merge_domains"] == ["tiny", "tinyb"] for c in merge)
+    sas = by("SASRec")[0]["config"]
+    assert sas["epochs"] == 2 and sas["eval_mode"] == "uni29" and sas["data_path"] == str(data)
+    assert all(c["config"]["sample_seed"] == 2020 for c in cells)  # one candidate seed for the whole table
+    assert len({c["hash"] for c in cells}) == len(cells)
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"epochs": 3}, "unknown key 'epochs'"),
+    ({"models": ["NoSuchModel"]}, "unknown model 'NoSuchModel'"),
+    ({"models": [{"model": "EASE", "config": {"seed": 3}}]}, "seed cannot be set per model"),
+    ({"models": [{"model": "EASE", "config": {"topk": [5]}}]}, "topk cannot be set per model"),
+    ({"models": [{"model": "EASE", "lr": 1}]}, "unknown key 'lr' in models"),
+    ({"models": ["EASE", "EASE"]}, "label 'EASE' used twice"),
+    ({"models": ["EASE", {"model": "EASE", "label": "E2"}]}, "same model with the same config"),
+    ({"protocols": ["full", "uni"]}, "protocol 'uni'"),
+    ({"datasets": ["tiny", "nope"]}, "dataset 'nope' not found"),
+    ({"models": [{"model": "BPR", "source_domains": ["nope"]}]}, "dataset 'nope' not found"),
+    ({"seeds": [1, "2"]}, "seeds must be"),
+])
+def test_bad_config_refused(data, tmp_path, over, match):
+    with pytest.raises(LeaderboardConfigError, match=match):
+        board(data, tmp_path, **over)
+
+
+def test_cli_bad_config_one_line_exit_2(data, tmp_path, capsys):
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump({"data_path": str(data), "datasets": ["tiny"], "protocols": ["full"],
+                                    "models": ["EASE", "NotAModel"]}))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "NotAModel" in err and "\n" not in err
+    assert not (tmp_path / "leaderboards").exists()  # nothing written
+
+
+def test_registered_but_missing_model_is_skipped_only_when_optional(data, tmp_path, monkeypatch):
+    monkeypatch.setitem(lb.__dict__, "_check_model_name", lb._check_model_name)
+    from recbole_weaverec import registry
+
+    monkeypatch.setitem(registry.MODELS, "FutureRec", "recbole_weaverec.model.not_there:FutureRec")
+    with pytest.raises(LeaderboardConfigError, match="optional: true"):
+        board(data, tmp_path, models=["EASE", "FutureRec"])
+    cfg = board(data, tmp_path, models=["EASE", {"model": "FutureRec", "optional": True}])
+    runner = FakeRunner()
+    b = Leaderboard(cfg, runner=runner)
+    assert b.run() == 0
+    assert len(runner.calls) == 2 * 2 * 2  # EASE only
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert {r["status"] for r in rows if r["model"] == "FutureRec"} == {"skipped"}
+    assert "n/a" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_cache_second_run_computes_nothing(data, tmp_path):
+    cfg = board(data, tmp_path)
+    first = FakeRunner()
+    assert Leaderboard(cfg, runner=first).run() == 0
+    assert len(first.calls) == 2 * 2 * 2 * 2
+    second = FakeRunner()
+    assert Leaderboard(cfg, runner=second).run() == 0
+    assert second.calls == []
+    # a changed setting of one model reruns only that model's cells
+    cfg2 = board(data, tmp_path, models=[{"model": "EASE", "config": {"reg_weight": 10.0}}, "Pop"])
+    third = FakeRunner()
+    Leaderboard(cfg2, runner=third).run()
+    assert len(third.calls) == 2 * 2 * 2
+    # presentation-only settings do not invalidate the cache
+    cfg3 = board(data, tmp_path, models=[{"model": "EASE", "config": {"reg_weight": 10.0, "show_progress": True}},
+                                         "Pop"])
+    fourth = FakeRunner()
+    Leaderboard(cfg3, runner=fourth).run()
+    assert fourth.calls == []
+
+
+def test_interrupted_run_resumes_with_the_missing_cells(data, tmp_path):
+    cfg = board(data, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        Leaderboard(cfg, runner=FakeRunner(interrupt_after=5)).run()
+    rest = FakeRunner()
+    Leaderboard(cfg, runner=rest).run()
+    assert len(rest.calls) == 16 - 5
+    b = Leaderboard(cfg, runner=FakeRunner())
+    assert b.run(only=["Pop"]) == 0 and b.runner.calls == []
+
+
+def test_failed_cells_do_not_stop_the_grid_and_are_retried(data, tmp_path):
+    cfg = board(data, tmp_path, models=["EASE", {"model": "EASE", "label": "EASE-bad", "config": {"reg_weight": 1}},
+                                        "Pop"])
+    runner = FakeRunner(fail_label="EASE-bad")
+    assert Leaderboard(cfg, runner=runner).run() == 8  # the exit code: number of failed cells
+    assert len(runner.calls) == 24
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    bad = [r for r in rows if r["label"] == "EASE-bad"]
+    assert all(r["status"] == "failed" and r["error"].startswith("ConfigError: reg_weight") for r in bad)
+    assert all(r["status"] == "ok" and r["NDCG@10"] for r in rows if r["label"] != "EASE-bad")
+    retry = FakeRunner()
+    assert Leaderboard(cfg, runner=retry).run() == 0  # failures are not cached: a rerun tries them again
+    assert len(retry.calls) == 8
+
+
+def _row(label, seed, ndcg, status="ok", dataset="d1", error=""):
+    return {"protocol": "full", "model": label, "label": label, "dataset": dataset, "sources": "-", "seed": seed,
+            "status": status, "error": error, "wall_s": 1.0, "history": "train+valid", "model_type": "GENERAL",
+            "valid_score": "", "hash": "h", "metrics": {"ndcg@10": ndcg, "hit@10": ndcg * 2} if status == "ok" else {}}
+
+
+def test_markdown_mean_std_and_bold_best():
+    rows = [_row("A", 1, 0.2), _row("A", 2, 0.4), _row("B", 1, 0.25), _row("B", 2, 0.25),
+            _row("C", 1, 0.9, dataset="d2"), _row("C", 1, 0, status="failed", error="RuntimeError: boom"),
+            _row("D", 1, 0, status="pending")]
+    md = render_markdown(rows, now="2026-01-01 00:00 UTC")
+    table = md[md.index("### `full` · d1"):md.index("### `full` · d2")]
+    lines = {ln.split("|")[1].strip(): ln for ln in table.splitlines() if ln.startswith("| ")}
+    # A: mean 0.3, sample std 0.1414 -> best NDCG@10 in bold; B: 0.25 ± 0
+    assert "**0.3000 ± 0.1414**" in lines["A"] and "**0.6000 ± 0.2828**" in lines["A"]
+    assert "0.2500 ± 0.0000" in lines["B"] and "**" not in lines["B"]
+    assert "| failed |" in lines["C"] and "- C: RuntimeError: boom" in table
+    assert "| 0/1 |" in lines["C"] and "| 2/2 |" in lines["A"]
+    assert "1 cell(s) not run yet" in md
+    headline = md[md.index("Test NDCG@10:"):md.index("### `full` · d1")]
+    assert "**0.9000**" in headline  # one seed: no ± ; C is the best on d2
+
+
+def test_real_tiny_run_end_to_end(tmp_path, monkeypatch, capsys):
+    """EASE + Pop + a misconfigured EASE through real subprocesses, both protocols, then a cached rerun."""
+    data = write_tiny_dataset(tmp_path / "data", "tiny")
+    out = tmp_path / "out"
+    path = tmp_path / "board.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "data_path": str(data), "output_dir": str(out), "datasets": ["tiny"], "seeds": [1],
+        "config": {"state": "WARNING"},
+        "protocols": {"full": {"headline": "NDCG@10", "config": {"metrics": ["NDCG", "Hit"], "topk": [10]}},
+                      "uni29": {"headline": "NDCG@5", "config": {"metrics": ["NDCG", "MRR"], "topk": [1, 5],
+                                                                  "valid_metric": "NDCG@5"}}},
+        "models": ["EASE", "Pop", {"model": "EASE", "label": "EASE-bad", "protocols": ["full"],
+                                   "config": {"reg_weight": "abc"}}]}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", str(path), "--quiet"]) == 1  # one failed cell
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 5
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 4 and all(0 <= float(r["NDCG@10" if r["protocol"] == "full" else "NDCG@5"]) <= 1 for r in ok)
+    assert {r["model"]: r["history"] for r in ok} == {"EASE": "train+valid", "Pop": "train"}
+    bad = next(r for r in rows if r["label"] == "EASE-bad")
+    assert bad["status"] == "failed" and "reg_weight" in bad["error"] and "\n" not in bad["error"]
+    md = (out / "results.md").read_text()
+    assert "## Protocol `full`" in md and "## Protocol `uni29`" in md and "**" in md
+    for png in ("full_NDCG-10.png", "uni29_NDCG-5.png", "uni29_MRR-1.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert len(list((out / "cache" / "cells").glob("*.json"))) == 4
+    assert list((out / "cache" / "logs").glob("*.log"))  # RecBole's log of each cell is kept
+    assert not (tmp_path / "log").exists() and not (out / "cache" / "work").exists() or \
+        not list((out / "cache" / "work").iterdir())
+    capsys.readouterr()
+    # rerun: only the failed cell is attempted again; --dry-run shows the cache
+    assert main(["--config", str(path), "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count("cached") == 1 + 4 and "to run" in listing
+    calls = []
+    real = lb.SubprocessRunner.__call__
+    monkeypatch.setattr(lb.SubprocessRunner, "__call__", lambda self, c: calls.append(c) or real(self, c))
+    assert main(["--config", str(path), "--quiet", "--only", "Pop"]) == 0  # cached: nothing runs
+    assert calls == []
+    assert "**" in (out / "results.md").read_text() and len(list(csv.DictReader(open(out / "results.csv")))) == 5
+    assert json.loads(next((out / "cache" / "cells").glob("*.json")).read_text())["status"] == "ok"
+
+
+def test_uni29_candidates_identical_across_models(tmp_path, monkeypatch):
+    """Every model of a uni29 table ranks the same sampled candidates, whatever its training consumed."""
+    from recbole.data.dataloader.general_dataloader import NegSampleEvalDataLoader
+
+    data = write_tiny_dataset(tmp_path / "data", "tiny")
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    orig = NegSampleEvalDataLoader.collate_fn
+
+    def record(self, index):
+        out = orig(self, index)
+        if self._sampler.phase == "test":
+            inter = out[0]
+            seen[-1].extend(zip(inter[self.uid_field].tolist(), inter[self.iid_field].tolist()))
+        return out
+
+    monkeypatch.setattr(NegSampleEvalDataLoader, "collate_fn", record)
+
+    def candidates(model, sample_seed=2020, seed=1, **config):
+        cfg = validate_config({"data_path": str(data), "output_dir": str(tmp_path / "o"), "datasets": ["tiny"],
+                               "seeds": [seed], "sample_seed": sample_seed, "protocols": ["uni29"],
+                               "models": [{"model": model, "config": {"epochs": 2, "state": "WARNING", **config}}]})
+        cell = expand_grid(cfg)[0]
+        seen.append([])
+        row = lb.run_cell(cell)
+        assert row["status"] == "ok", row["error"]
+        return sorted(seen[-1])
+
+    ease = candidates("EASE")
+    assert len(ease) == 40 * 30
+    assert candidates("BPR") == ease  # BPR's training draws negatives from the same numpy stream
+    assert candidates("GRU4Rec", hidden_size=8, embedding_size=8) == ease  # sequential dataset, same split
+    assert candidates("BPR", seed=2) == ease  # another training seed, same candidates
+    assert candidates("EASE", sample_seed=7) != ease
