@@ -61,7 +61,8 @@ PROTOCOL_KEYS = {"config", "headline", "columns"}
 SOURCE_KEYS = ("source_domains", "merge_domains")
 # Set per table (protocols:) or by the grid, never per model: they decide what a number in the table means.
 TABLE_ONLY = ("seed", "eval_mode", "eval_args", "data_path", "metrics", "topk", "valid_metric",
-              "valid_neg_sample_args", "test_neg_sample_args", "dataset", "model", "source_domains", "merge_domains")
+              "valid_neg_sample_args", "test_neg_sample_args", "eval_sample_users", "dataset", "model",
+              "source_domains", "merge_domains")
 NOT_HASHED = ("show_progress", "state")  # presentation only: toggling them keeps the cache
 PROTOCOL_RE = re.compile(r"^(full|uni\d+)$")  # popN: RecBole draws those from the global RNG, per model
 METRIC_NAMES = {"recall": "Recall", "ndcg": "NDCG", "hit": "Hit", "mrr": "MRR", "precision": "Precision",
@@ -281,7 +282,7 @@ def expand_grid(cfg):
             if protocol not in m["protocols"]:
                 continue
             for dataset in m["datasets"]:
-                for key, sources in _expand_sources(m, dataset, cfg):
+                for key, sources, spec in _expand_sources(m, dataset, cfg):
                     for seed in m["seeds"]:
                         config = {**cfg["config"], **pspec["config"], **m["config"]}
                         # eval_args merged key by key, as WeaveConfig does for its layers
@@ -293,7 +294,8 @@ def expand_grid(cfg):
                         if key:
                             config[key] = list(sources)
                         cell = {"protocol": protocol, "model": m["model"], "label": m["label"], "dataset": dataset,
-                                "sources_key": key, "sources": list(sources), "seed": seed, "config": config,
+                                "sources_key": key, "sources": list(sources), "sources_spec": spec,
+                                "seed": seed, "config": config,
                                 "available": m["available"]}
                         cell["hash"] = cell_hash(cell)
                         cells.append(cell)
@@ -308,25 +310,29 @@ def expand_grid(cfg):
 
 def _expand_sources(m, dataset, cfg):
     if m["sources"] is None:
-        return [(None, [])]
+        return [(None, [], None)]
     key, sets = m["sources"]
     out = []
     for s in sets:
+        spec = s if s in ("others", "all") else None
         if s == "others":
             s = [d for d in cfg["datasets"] if d != dataset]
         elif s == "all":
             s = list(cfg["datasets"])
         if key == "source_domains":
             s = [d for d in s if d != dataset]  # a target is never its own source
-        if s and (key, s) not in out:
-            out.append((key, s))
+        if s and all(s != o[1] for o in out):
+            out.append((key, s, spec))
     return out
 
 
-def sources_label(cell):
+def sources_label(cell, short=False):
+    """The cell's source domains, e.g. 'amazon-beauty+amazon-sports'; ``short``: 'others'/'all' as configured."""
     if not cell["sources"]:
         return "-"
     prefix = "merge " if cell["sources_key"] == "merge_domains" else ""
+    if short and cell.get("sources_spec"):
+        return f"{prefix}{cell['sources_spec']} ({len(cell['sources'])})"
     return prefix + "+".join(cell["sources"])
 
 
@@ -519,7 +525,8 @@ class Leaderboard:
             else:
                 r = fresh.get(c["hash"]) or self.cached(c) or {"status": "pending", "error": "", "metrics": {}}
             rows.append({"protocol": c["protocol"], "model": c["model"], "label": c["label"],
-                         "dataset": c["dataset"], "sources": sources_label(c), "seed": c["seed"],
+                         "dataset": c["dataset"], "sources": sources_label(c, short=True),
+                         "source_domains": "+".join(c["sources"]), "seed": c["seed"],
                          "status": r["status"], "error": r.get("error", ""), "wall_s": r.get("wall_s", ""),
                          "history": r.get("history", ""), "model_type": r.get("model_type", ""),
                          "valid_score": r.get("valid_score", ""), "hash": c["hash"], "metrics": r["metrics"]})
@@ -546,7 +553,7 @@ def write_csv(rows, path):
     metrics = []
     for r in rows:
         metrics += [m for m in r["metrics"] if m not in metrics]
-    fields = ["protocol", "model", "label", "dataset", "sources", "seed", "status", "history", "model_type",
+    fields = ["protocol", "model", "label", "dataset", "source_domains", "seed", "status", "history", "model_type",
               "wall_s", "valid_score", *[metric_name(m) for m in metrics], "error", "hash"]
     with tempfile.NamedTemporaryFile("w", newline="", encoding="utf-8", dir=Path(path).parent,
                                      delete=False, suffix=".tmp") as f:
