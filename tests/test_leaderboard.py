@@ -9,7 +9,7 @@ from recbole_weaverec import leaderboard as lb
 from recbole_weaverec.leaderboard import (Leaderboard, LeaderboardConfigError, expand_grid, main, render_markdown,
                                           validate_config)
 
-from conftest import write_tiny_dataset
+from conftest import needs_shared_data, write_tiny_dataset
 
 
 @pytest.fixture
@@ -265,3 +265,35 @@ def test_uni29_candidates_identical_across_models(tmp_path, monkeypatch):
     assert candidates("GRU4Rec", hidden_size=8, embedding_size=8) == ease  # sequential dataset, same split
     assert candidates("BPR", seed=2) == ease  # another training seed, same candidates
     assert candidates("EASE", sample_seed=7) != ease
+
+
+def _shipped(name, monkeypatch):
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)  # data_path in the shipped configs is relative to the repository root
+    cfg = lb.load_config(REPO / "leaderboards" / name)
+    return cfg, expand_grid(cfg)
+
+
+def test_shipped_sample_board_is_valid(monkeypatch):
+    cfg, cells = _shipped("sample.yaml", monkeypatch)
+    assert set(cfg["protocols"]) == {"full", "uni29"}
+    models = {c["model"] for c in cells}
+    assert {"EASE", "RLAE", "RDLAE", "recbole:EASE", "Pop", "BPR", "LightGCN", "GRU4Rec", "SASRec",
+            "BERT4Rec"} <= models
+    # the candidates of a table come from one seed for every cell
+    assert {c["config"]["sample_seed"] for c in cells} == {cfg["sample_seed"]}
+
+
+@needs_shared_data()
+def test_shipped_amazon_board_is_valid(monkeypatch):
+    cfg, cells = _shipped("amazon.yaml", monkeypatch)
+    assert cfg["datasets"] == ["amazon-beauty", "amazon-sports", "amazon-toys", "amazon-pantry"]
+    for name in ("SASRec", "BERT4Rec", "GRU4Rec", "BPR", "LightGCN", "recbole:EASE", "EASE", "RLAE", "RDLAE"):
+        assert {c["protocol"] for c in cells if c["model"] == name} == {"full", "uni29"}
+    llm = [c for c in cells if c["model"] in ("LLMRec", "LLMJoint", "LLMMerge", "WeaveRec")]
+    assert all(c["protocol"] == "uni29" for c in llm)
+    weave = [c for c in cells if c["model"] == "WeaveRec"]
+    assert all(c["dataset"] not in c["sources"] and len(c["sources"]) == 3 for c in weave)
+    uni = [c for c in cells if c["protocol"] == "uni29"]
+    assert len({c["config"]["eval_sample_users"] for c in uni}) == 1  # the same users for every model
