@@ -679,7 +679,12 @@ def render_markdown(rows, cfg=None, charts=None, now=None):
         desc = ("full ranking of the whole catalogue" if protocol == "full"
                 else f"the true item + {protocol[3:]} items sampled uniformly from those the user never interacted with")
         out += [f"## Protocol `{protocol}` ({desc})", ""]
-        models = _model_order(prow)
+        # models without a finished or failed cell yet are listed, not shown as rows of dashes
+        ran = {(r["label"], r["sources"]) for r in prow if r["status"] in ("ok", "failed")}
+        models = [m for m in _model_order(prow) if m in ran]
+        waiting = [label for label, src in _model_order(prow) if (label, src) not in ran]
+        if waiting:
+            out += [f"Not run yet (or not installed): {', '.join(dict.fromkeys(waiting))}.", ""]
         if head:
             out += [f"Test {metric_name(head)}:", ""]
             body, means = [], {}
