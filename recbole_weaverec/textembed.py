@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 EMBEDDED_NAMES = (None, "", "embedded", "default")
+LLM_PREFIX = "llm:"  # "llm" / "llm:<path or hub name>": mean-pooled last hidden states of the causal-LM backbone
 DEFAULT_CACHE_DIR = Path(os.environ.get("RECBOLE_WEAVEREC_CACHE", Path.home() / ".cache" / "recbole_weaverec"))
 
 
@@ -57,6 +58,8 @@ def resolve_encoder_path(path):
     if path in EMBEDDED_NAMES:
         return default_encoder_path()
     path = str(path)
+    if path == "llm" or path.startswith(LLM_PREFIX):  # the LLM backbone, resolved when it is loaded
+        return LLM_PREFIX + (path[len(LLM_PREFIX):] or "embedded")
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
         if not os.path.isfile(os.path.join(expanded, "config.json")):
@@ -80,6 +83,8 @@ def resolve_encoder_path(path):
 
 def _encoder_identity(path):
     """What makes two encoders different for the cache: the name, or a local folder's path and file stamps."""
+    if path.startswith(LLM_PREFIX):
+        return LLM_PREFIX + _encoder_identity(path[len(LLM_PREFIX):])
     if not os.path.isdir(path):
         return path
     stamps = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(path).iterdir() if p.is_file())
@@ -100,6 +105,11 @@ def load_encoder(encoder_path, device):
     """(tokenizer, model) of an HF encoder; kept as a function so callers (and tests) can see each load."""
     from transformers import AutoModel, AutoTokenizer
 
+    if encoder_path.startswith(LLM_PREFIX):
+        from recbole_weaverec.model.llm.backbone import load_backbone
+
+        model, tokenizer, _ = load_backbone(encoder_path[len(LLM_PREFIX):], device=device, dtype=torch.float32)
+        return tokenizer, model.get_decoder()  # the transformer without the LM head: last_hidden_state
     tokenizer = AutoTokenizer.from_pretrained(encoder_path)
     model = AutoModel.from_pretrained(encoder_path).to(device).eval()
     return tokenizer, model
@@ -117,6 +127,8 @@ def _encode(texts, tokenizer, model, batch_size, max_length, device, normalize, 
     # longest first, so batches hold similar lengths and pad little; results go back to the input order
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     out = torch.empty(len(texts), model.config.hidden_size, dtype=torch.float32)
+    if tokenizer.pad_token_id is None:  # causal-LM tokenizers may lack one; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
     for start in tqdm(range(0, len(texts), batch_size), desc="encoding item texts", unit="batch",
                       disable=not progress):
         idx = order[start:start + batch_size]
