@@ -140,7 +140,9 @@ def load_config(path):
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         _fail(f"{path} is not valid YAML: {str(e).splitlines()[0]}")
-    return validate_config(raw, default_name=path.stem)
+    cfg = validate_config(raw, default_name=path.stem)
+    cfg["source"] = str(path)
+    return cfg
 
 
 def validate_config(raw, default_name="leaderboard"):
@@ -656,8 +658,9 @@ def render_markdown(rows, cfg=None, charts=None, now=None):
     name = cfg["name"] if cfg else "leaderboard"
     now = now or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     seeds = sorted({r["seed"] for r in rows})
+    command = f"`python -m recbole_weaverec.leaderboard --config {cfg['source']}` " if cfg and cfg.get("source") else ""
     out = [f"# Leaderboard: {name}", "",
-           f"Generated {now} on {machine()}.",
+           f"Generated {now} by {command}on {machine()}.",
            f"Seeds: {', '.join(map(str, seeds))} (mean ± std over the finished seeds; std is the sample standard "
            f"deviation).", ""]
     if cfg:
@@ -685,6 +688,8 @@ def render_markdown(rows, cfg=None, charts=None, now=None):
         waiting = [label for label, src in _model_order(prow) if (label, src) not in ran]
         if waiting:
             out += [f"Not run yet (or not installed): {', '.join(dict.fromkeys(waiting))}.", ""]
+        if not models:
+            continue
         if head:
             out += [f"Test {metric_name(head)}:", ""]
             body, means = [], {}
@@ -730,7 +735,17 @@ def render_markdown(rows, cfg=None, charts=None, now=None):
                 out.append(f"- {label}: {e}")
             if notes:
                 out.append("")
+    if cfg:
+        out += ["## Settings", "", f"- every cell: `{_settings(cfg['config'])}`" if cfg["config"] else "- every cell: -"]
+        out += [f"- `{p}` table: `{_settings(spec['config'])}`" for p, spec in cfg["protocols"].items()]
+        out += [f"- {m['label']}: `{_settings(m['config'])}`" for m in cfg["models"] if m["config"]]
+        out += ["- other settings: each model's defaults (properties/model/NAME.yaml for ours, RecBole's for "
+                "its built-ins)"]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _settings(d):
+    return ", ".join(f"{k}={v}" for k, v in d.items())
 
 
 def _missing(g):
