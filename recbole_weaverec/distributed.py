@@ -89,17 +89,33 @@ def shard_batch(items, size=None):
     return [items[i] for i in mine], loss_weight(sum(sizes[i] for i in mine), sum(sizes))
 
 
+def _row_counts(tensor):
+    n = torch.tensor([tensor.shape[0]], device=_comm_device())
+    counts = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(counts, n)
+    return [int(c) for c in counts]
+
+
+def all_gather_rows(tensor):
+    """Rows of ``tensor`` from all ranks, concatenated in rank order (no gradient; ranks may hold different numbers
+    of rows). E.g. the positive item ids of the global batch, for in-batch negatives that match one process."""
+    if not is_distributed():
+        return tensor
+    counts = _row_counts(tensor)
+    padded = torch.nn.functional.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, max(counts) - tensor.shape[0]))
+    parts = [torch.empty_like(padded, device=_comm_device()) for _ in counts]
+    dist.all_gather(parts, padded.to(_comm_device()))
+    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0).to(tensor.device)
+
+
 def gather_with_grad(tensor):
-    """Rows of ``tensor`` from all ranks, concatenated in rank order, with gradients flowing back to each rank's
-    own rows (e.g. in-batch negatives over the global batch). Ranks may hold different numbers of rows."""
+    """Like ``all_gather_rows``, with gradients flowing back to each rank's own rows (e.g. embeddings of the global
+    batch); the backward pass sums, over all ranks, the gradients that reach a rank's rows."""
     if not is_distributed():
         return tensor
     from torch.distributed.nn.functional import all_gather
 
-    n = torch.tensor([tensor.shape[0]], device=_comm_device())
-    counts = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(counts, n)
-    counts = [int(c) for c in counts]
+    counts = _row_counts(tensor)
     padded = torch.nn.functional.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, max(counts) - tensor.shape[0]))
     parts = all_gather(padded.to(_comm_device()))
     return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0).to(tensor.device)

@@ -24,10 +24,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _init(rank, world, port):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-
-
 # --- pure helpers -----------------------------------------------------------------------------------------------
 def test_shard_covers_each_global_batch_once():
     items = list(range(7))
@@ -69,6 +65,34 @@ def _mlp_training(steps_out):
     steps_out.update({k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
+def _in_batch_training(out):
+    """In-batch softmax over the GLOBAL batch (what a two-tower model needs to match one process): A gathers the
+    positive ids and encodes the unique ones locally; B gathers the encoded positives with their gradients."""
+    torch.manual_seed(1)
+    users, items = torch.randn(12, 6), torch.randn(10, 6)
+    pos = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
+    for variant in ("A", "B"):
+        torch.manual_seed(2)
+        tower = torch.nn.Linear(6, 6)
+        opt = torch.optim.SGD(tower.parameters(), lr=0.5)
+        for start in range(0, 12, 5):  # global batches 5, 5, 2 -> shards 3/2, 3/2, 1/1
+            batch = list(range(start, min(start + 5, 12)))
+            rows, weight = distributed.shard_batch(batch)
+            opt.zero_grad()
+            u, p = tower(users[rows]), pos[rows]
+            if variant == "A":
+                uniq = torch.unique(distributed.all_gather_rows(p))
+                logits, target = u @ tower(items[uniq]).T, torch.searchsorted(uniq, p)
+            else:
+                before = sum(len(distributed.shard(batch, q)) for q in range(distributed.rank()))
+                logits = u @ distributed.gather_with_grad(tower(items[p])).T
+                target = before + torch.arange(len(rows))
+            (torch.nn.functional.cross_entropy(logits, target) * weight).backward()
+            distributed.all_reduce_grads(tower.parameters())
+            opt.step()
+        out.update({f"{variant}.{k}": v.detach().clone() for k, v in tower.state_dict().items()})
+
+
 def _lora_training(out):
     """The LLM LoRA learner on a tiny random Llama: global batch 3 (shards 2/1), gradient accumulation 2."""
     from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer, tiny_llama
@@ -91,34 +115,10 @@ def _lora_training(out):
     losses = [learner.epoch(samples, builder, domains, e) for e in range(settings.epochs)]
     out.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     out["losses"] = torch.tensor(losses)
+    return learner.tokens  # tokens this process computed (its shards only)
 
 
-def _training_worker(rank, world, port, folder):
-    _init(rank, world, port)
-    try:
-        mlp, lora = {}, {}
-        _mlp_training(mlp)
-        _lora_training(lora)
-        torch.save({"mlp": mlp, "lora": lora}, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_processes_train_the_same_weights_as_one(tmp_path):
-    one_mlp, one_lora = {}, {}
-    _mlp_training(one_mlp)
-    _lora_training(one_lora)
-    mp.spawn(_training_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for name, one in (("mlp", one_mlp), ("lora", one_lora)):
-        for key, value in one.items():
-            for r in ranks:  # every rank ends with the weights of the 1-process run
-                assert torch.allclose(r[name][key], value, atol=1e-5, rtol=1e-4), (name, key)
-        # and training did move them (a test that cannot pass by doing nothing)
-    assert any("lora_B" in k and one_lora[k].abs().sum() > 0 for k in one_lora)
-
-
-# --- evaluation: sharded and gathered == one process --------------------------------------------------------------
+# --- evaluation cases: sharded and gathered == one process --------------------------------------------------------
 def _config(data, mode, **extra):
     return {"data_path": str(data), "eval_mode": mode, "metrics": ["NDCG", "Hit", "MRR"], "topk": [1, 5, 10],
             "show_progress": False, "eval_batch_size": 120, "checkpoint_dir": "saved", **extra}
@@ -127,36 +127,67 @@ def _config(data, mode, **extra):
 CASES = [("EASE", "full", {}), ("SASRec", "uni29", {"epochs": 0}), ("SASRec", "full", {"epochs": 0})]
 
 
-def _eval_worker(rank, world, port, data, out_file):
-    results = []
+def _plain(result):
+    return json.loads(json.dumps(result, default=float))
+
+
+def _worker(rank, world, port, data, folder):
+    """Everything the 2-process tests compare, in one pair of processes (starting them is the slow part)."""
+    out = {"eval": []}
     try:
         for model, mode, extra in CASES:  # RecBole's keys, as run(nproc=2) sets them; the group is opened once
             cfg = {**_config(data, mode, **extra), "local_rank": rank, "nproc": world, "world_size": world,
                    "ip": "127.0.0.1", "port": str(port), "offset": 0}
-            results.append(run(model, "tiny", config_dict=cfg))
-        if rank == 0:
-            with open(out_file, "w") as f:
-                json.dump(results, f, default=float)
+            out["eval"].append(_plain(run(model, "tiny", config_dict=cfg)))
+        out["mlp"], out["in_batch"], out["lora"] = {}, {}, {}
+        _mlp_training(out["mlp"])
+        _in_batch_training(out["in_batch"])
+        out["lora_tokens"] = _lora_training(out["lora"])
+        torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _plain(result):
-    return json.loads(json.dumps(result, default=float))
-
-
-def test_sharded_evaluation_equals_one_process(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two")
     # 37 users: the DistributedSampler pads one shard with a repeated user, which must not be counted
-    data = write_tiny_dataset(tmp_path / "data", n_users=37)
+    data = write_tiny_dataset(folder / "data", n_users=37)
+    cwd = os.getcwd()
+    os.chdir(folder)  # logs and checkpoints of the spawned runs go here
+    try:
+        mp.spawn(_worker, args=(2, free_port(), str(data), str(folder)), nprocs=2, join=True)
+    finally:
+        os.chdir(cwd)
+    return data, [torch.load(folder / f"rank{r}.pt") for r in range(2)]
+
+
+def test_two_processes_train_the_same_weights_as_one(two_processes):
+    _, ranks = two_processes
+    one = {"mlp": {}, "in_batch": {}, "lora": {}}
+    _mlp_training(one["mlp"])
+    _in_batch_training(one["in_batch"])
+    tokens = _lora_training(one["lora"])
+    for name, weights in one.items():
+        for key, value in weights.items():
+            for r in ranks:  # every rank ends with the weights (and epoch losses) of the 1-process run
+                assert torch.allclose(r[name][key], value, atol=1e-5, rtol=1e-4), (name, key)
+    # the LoRA learner really split the work: each process computed part of the tokens, together all of them
+    assert [0 < r["lora_tokens"] < tokens for r in ranks] == [True, True]
+    assert sum(r["lora_tokens"] for r in ranks) == tokens
+    # and training moved the LoRA weights (lora_B starts at zero)
+    assert any("lora_B" in k and one["lora"][k].abs().sum() > 0 for k in one["lora"])
+
+
+def test_sharded_evaluation_equals_one_process(two_processes, run_dir):
+    data, ranks = two_processes
     single = [_plain(run(model, "tiny", config_dict=_config(data, mode, **extra))) for model, mode, extra in CASES]
-    mp.spawn(_eval_worker, args=(2, free_port(), str(data), str(tmp_path / "out.json")), nprocs=2, join=True)
-    double = json.loads((tmp_path / "out.json").read_text())
-    for (model, mode, _), one, two in zip(CASES, single, double):
+    for (model, mode, _), one, two in zip(CASES, single, ranks[0]["eval"]):
         assert two["test_result"] == one["test_result"], (model, mode)
         assert two["best_valid_result"] == one["best_valid_result"], (model, mode)
         assert one["test_result"]["hit@10"] > 0
+    assert ranks[1]["eval"] == ranks[0]["eval"]  # every rank gets the gathered metrics
 
 
 def test_run_nproc_2_matches_one_process_and_writes_on_rank_0_only(tmp_path, monkeypatch):
