@@ -8,6 +8,7 @@ slice's catalogue, test split (leave-one-out). Fine-tuned domain models are cach
     python benchmarks/mergerec.py --users 400 --steps 200
 """
 import argparse
+import statistics
 import os
 import sys
 import threading
@@ -140,6 +141,67 @@ def main(argv=None):
         pipe._domain = shared_domains  # the per-domain datasets/towers are built once for all variants
         return pipe
 
+    def report(done):
+        head = "| model | " + " | ".join(f"{d.replace('amazon-', '')} R@10 | N@10" for d in DOMAINS) + \
+               " | avg R@10 | avg N@10 |"
+        sep = "|" + "---|" * (2 + 2 * len(DOMAINS) + 1)
+        rows = [head, sep]
+        for name, res in results.items():
+            cells = []
+            for d in DOMAINS:
+                cells += [fmt(res[d]["recall@10"]), fmt(res[d]["ndcg@10"])]
+            avg = [sum(res[d][m] for d in DOMAINS) / len(DOMAINS) for m in METRICS]
+            rows.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(avg[0])} | {fmt(avg[1])} |")
+        sizes = []
+        for d in DOMAINS:
+            net, test, dconfig = shared_domains[d]
+            ds = test._dataset
+            sizes.append(f"{d}: {net.n_items - 1} items, {len(test._dataset.inter_feat)} test users")
+        ft_lines = [f"| {d} | {s['epoch_s']:.0f} | {s['total_s']:.0f} | {s['delta_mb']:.0f} | {s['peak_mb']:.0f} |"
+                    for d, s in ft_stats.items()]
+        ml_lines = [f"| {n} | {s['learn_s']:.0f} | {s['teacher_s']:.0f} | {s['total_s']:.0f} | {s['delta_mb']:.0f} | "
+                    f"{s['peak_mb']:.0f} | {s['first_loss']:.3f} → {s['last_loss']:.3f} |" for n, s in learn_stats.items()]
+        ratio = ""
+        if ft_stats and learn_stats:
+            mean_epoch = sum(s["epoch_s"] for s in ft_stats.values()) / len(ft_stats)
+            # median: the first domain's growth also holds one-off allocations (libraries, tokenizer caches)
+            mean_peak = statistics.median(s["delta_mb"] for s in ft_stats.values())
+            ratio = "\n".join(
+                f"- {n}: learning loop / mean fine-tuning epoch = {s['learn_s'] / mean_epoch:.2f}× time "
+                f"(incl. teacher encoding {(s['learn_s'] + s['teacher_s']) / mean_epoch:.2f}×); peak memory growth "
+                f"{s['delta_mb']:.0f} MB vs {mean_peak:.0f} MB (median of the domains' fine-tuning; {s['delta_mb'] / max(mean_peak, 1):.2f}×)"
+                for n, s in learn_stats.items())
+        body = ("" if done else "**Partial: the run was still going when this was written.**\n\n") + f"""Scale: {args.users} random users per domain (whole sequences, seed {args.seed}; items = those they touched),
+    TextSeqRec on the embedded all-MiniLM-L6-v2 (22.7M parameters), item text ≤ {args.max_item_tokens} tokens, user text ≤
+    {args.max_user_tokens} tokens from the {args.max_seq_items} most recent items, {args.epochs} fine-tuning epoch(s) per domain
+    (AdamW {args.lr:g}, batch 32, in-batch softmax, temperature 0.05), {args.steps} coefficient-learning steps (paper: 500), batch 16,
+    Adam 1e-3, CE + 1000·KL at T=0.05. Full ranking over each slice's catalogue, test split, RecBole's evaluator.
+    Slices: {'; '.join(sizes)}. The paper's scale (full domains, RoBERTa-base encoders, 512-token users, GPU) is far
+    beyond this shared 2-core CPU, so the numbers compare the methods with each other here, not with the paper.
+
+    {chr(10).join(rows)}
+
+    Learned / used coefficients:
+    {chr(10).join(f'- {n}: {c}' for n, c in coef_text.items())}
+
+    Cost (wall clock on a CPU shared with other jobs, so times are noisy; memory = peak RSS growth during the step):
+
+    | domain | fine-tuning epoch s | fine-tune + valid s | peak RSS growth MB | peak RSS MB |
+    |---|---|---|---|---|
+    {chr(10).join(ft_lines)}
+
+    | merge learning | loop s | teacher encoding s | whole merge s | peak RSS growth MB | peak RSS MB | loss first → last 20 |
+    |---|---|---|---|---|---|---|
+    {chr(10).join(ml_lines)}
+
+    {ratio}
+    """
+        # the template above is indented with the code: no markdown line of it may start with 4 spaces
+        body = "\n".join(line[4:] if line.startswith("    ") else line for line in body.split("\n"))
+        print(body)
+        if not args.no_write:
+            write_section("MergeRec: merging per-domain text two-tower models", body)
+
     # each domain's own fine-tuned model on its own domain (the upper reference)
     pipe = pipeline_for(merge_learn=False)
     own = {}
@@ -149,8 +211,6 @@ def main(argv=None):
         own[d] = pipe.evaluate_state(d, state)
         log(f"own model on {d}: {dict(own[d])}")
     results["fine-tuned domain model (own domain)"] = own
-    base_res = {d: pipe.evaluate_state(d, pipe.model.base_state) for d in DOMAINS}
-    results["pretrained encoder (no fine-tuning)"] = base_res
 
     variants = [
         ("average (λ=1/K)", dict(merge_init="average", merge_learn=False)),
@@ -170,64 +230,11 @@ def main(argv=None):
         coef_text[name] = pipe._format_coefficients()
         results[name] = pipe.evaluate_domains(pipe.model.tower.encoder.state_dict())
         log(f"{name}: {[(d, dict(r)) for d, r in results[name].items()]}  coefficients {coef_text[name]}")
+        report(done=False)  # partial results survive an interrupted run
+    base_res = {d: pipe.evaluate_state(d, pipe.model.base_state) for d in DOMAINS}
+    results["pretrained encoder (no fine-tuning)"] = base_res
+    report(done=True)
 
-    # ---- report ------------------------------------------------------------------------------------------
-    head = "| model | " + " | ".join(f"{d.replace('amazon-', '')} R@10 | N@10" for d in DOMAINS) + \
-           " | avg R@10 | avg N@10 |"
-    sep = "|" + "---|" * (2 + 2 * len(DOMAINS) + 1)
-    rows = [head, sep]
-    for name, res in results.items():
-        cells = []
-        for d in DOMAINS:
-            cells += [fmt(res[d]["recall@10"]), fmt(res[d]["ndcg@10"])]
-        avg = [sum(res[d][m] for d in DOMAINS) / len(DOMAINS) for m in METRICS]
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(avg[0])} | {fmt(avg[1])} |")
-    sizes = []
-    for d in DOMAINS:
-        net, test, dconfig = shared_domains[d]
-        ds = test._dataset
-        sizes.append(f"{d}: {net.n_items - 1} items, {len(test._dataset.inter_feat)} test users")
-    ft_lines = [f"| {d} | {s['epoch_s']:.0f} | {s['total_s']:.0f} | {s['delta_mb']:.0f} | {s['peak_mb']:.0f} |"
-                for d, s in ft_stats.items()]
-    ml_lines = [f"| {n} | {s['learn_s']:.0f} | {s['teacher_s']:.0f} | {s['total_s']:.0f} | {s['delta_mb']:.0f} | "
-                f"{s['peak_mb']:.0f} | {s['first_loss']:.3f} → {s['last_loss']:.3f} |" for n, s in learn_stats.items()]
-    ratio = ""
-    if ft_stats and learn_stats:
-        mean_epoch = sum(s["epoch_s"] for s in ft_stats.values()) / len(ft_stats)
-        mean_peak = sum(s["delta_mb"] for s in ft_stats.values()) / len(ft_stats)
-        ratio = "\n".join(
-            f"- {n}: learning loop / mean fine-tuning epoch = {s['learn_s'] / mean_epoch:.2f}× time "
-            f"(incl. teacher encoding {(s['learn_s'] + s['teacher_s']) / mean_epoch:.2f}×); peak memory growth "
-            f"{s['delta_mb']:.0f} MB vs {mean_peak:.0f} MB ({s['delta_mb'] / max(mean_peak, 1):.2f}×)"
-            for n, s in learn_stats.items())
-    body = f"""Scale: {args.users} random users per domain (whole sequences, seed {args.seed}; items = those they touched),
-TextSeqRec on the embedded all-MiniLM-L6-v2 (22.7M parameters), item text ≤ {args.max_item_tokens} tokens, user text ≤
-{args.max_user_tokens} tokens from the {args.max_seq_items} most recent items, {args.epochs} fine-tuning epoch(s) per domain
-(AdamW {args.lr:g}, batch 32, in-batch softmax, temperature 0.05), {args.steps} coefficient-learning steps (paper: 500), batch 16,
-Adam 1e-3, CE + 1000·KL at T=0.05. Full ranking over each slice's catalogue, test split, RecBole's evaluator.
-Slices: {'; '.join(sizes)}. The paper's scale (full domains, RoBERTa-base encoders, 512-token users, GPU) is far
-beyond this shared 2-core CPU, so the numbers compare the methods with each other here, not with the paper.
-
-{chr(10).join(rows)}
-
-Learned / used coefficients:
-{chr(10).join(f'- {n}: {c}' for n, c in coef_text.items())}
-
-Cost (wall clock on a CPU shared with other jobs, so times are noisy; memory = peak RSS growth during the step):
-
-| domain | fine-tuning epoch s | fine-tune + valid s | peak RSS growth MB | peak RSS MB |
-|---|---|---|---|---|
-{chr(10).join(ft_lines)}
-
-| merge learning | loop s | teacher encoding s | whole merge s | peak RSS growth MB | peak RSS MB | loss first → last 20 |
-|---|---|---|---|---|---|---|
-{chr(10).join(ml_lines)}
-
-{ratio}
-"""
-    print(body)
-    if not args.no_write:
-        write_section("MergeRec: merging per-domain text two-tower models", body)
 
 
 if __name__ == "__main__":
