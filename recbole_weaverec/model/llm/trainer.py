@@ -25,6 +25,8 @@ class _NoOptimizer(torch.optim.SGD):
 
 
 class LLMTrainer(Trainer):
+    manual_gradient_sync = True  # no DDP wrapper: LoraLearner all-reduces the LoRA gradients (distributed.py)
+
     def __init__(self, config, model):
         self.lora_learner = None
         super().__init__(config, model)

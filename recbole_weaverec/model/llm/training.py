@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recbole_weaverec import distributed
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.model.llm.backbone import base_name
 from recbole_weaverec.model.llm.prompts import IGNORE_INDEX
@@ -228,23 +229,29 @@ class LoraLearner:
         groups = batches(samples, s.batch_size, s.seed, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         for i, group in enumerate(tqdm(groups, desc=f"{desc} epoch {epoch}", unit="batch", disable=not progress)):
-            batch = {k: v.to(device) for k, v in collate([encode_sample(x, builder, domains) for x in group],
-                                                          pad_id).items()}
-            with autocast(device, s.bf16):
-                loss = answer_loss(model, batch)
-            if not torch.isfinite(loss):
-                raise ValueError(f"training loss is {loss.item()} at epoch {epoch}, batch {i}")
-            (loss / s.grad_accum).backward()
-            self.tokens += int(batch["attention_mask"].sum())
-            total, count = total + loss.item(), count + 1
+            # data-parallel runs: this process's shard of the global batch, weighted by its share of answer tokens
+            # (one process: the whole batch, weight 1); gradients are summed over processes before each step
+            mine, weight = distributed.shard_batch([encode_sample(x, builder, domains) for x in group],
+                                                   size=lambda e: sum(t != IGNORE_INDEX for t in e[1]))
+            count += 1
+            if mine:
+                batch = {k: v.to(device) for k, v in collate(mine, pad_id).items()}
+                with autocast(device, s.bf16):
+                    loss = answer_loss(model, batch)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"training loss is {loss.item()} at epoch {epoch}, batch {i}")
+                (loss * weight / s.grad_accum).backward()
+                self.tokens += int(batch["attention_mask"].sum())
+                total += loss.item() * weight
             if (i + 1) % s.grad_accum == 0 or i + 1 == len(groups):
+                distributed.all_reduce_grads(self.params)
                 if s.clip_grad_norm:
                     torch.nn.utils.clip_grad_norm_(self.params, s.clip_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         model.eval()
-        return total / max(count, 1)
+        return distributed.all_reduce_sum(total) / max(count, 1)
 
 
 def train_lora(peft_model, samples, builder, domains, settings, progress=False, logger=None, desc="training LoRA"):
@@ -269,8 +276,12 @@ def adapter_meta(peft_model, samples, settings, **extra):
 
 
 def save_adapter(peft_model, folder, meta=None):
-    """Write the active adapter as a peft folder (atomic: a half-written folder never appears)."""
+    """Write the active adapter as a peft folder (atomic: a half-written folder never appears). In a data-parallel
+    run rank 0 writes it and every rank returns once it is there."""
     folder = Path(folder)
+    if not distributed.is_main():
+        distributed.barrier()
+        return folder
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     peft_model.save_pretrained(str(tmp))
@@ -284,6 +295,7 @@ def save_adapter(peft_model, folder, meta=None):
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+    distributed.barrier()
     return folder
 
 
