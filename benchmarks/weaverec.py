@@ -12,6 +12,7 @@ run cut short still leaves its numbers).
     OMP_WAIT_POLICY=PASSIVE nohup nice -n 10 python benchmarks/weaverec.py > /work/logs/weaverec_bench.log 2>&1 &
 """
 import argparse
+import gc
 import json
 import os
 import sys
@@ -150,11 +151,12 @@ class Bench:
                 rows = {"LLMRec (θ0 alone, as above)": alone, **rows}
             lines += [f"### {title}", "",
                       "| model | " + " | ".join(m.upper().replace("@", "@") for m in METRICS) +
-                      " | trained here (prompts) | wall s |",
+                      " | training prompts (per module) | wall s (prompts trained in this run) |",
                       "|---|" + "---|" * (len(METRICS) + 2)]
             for name, r in rows.items():
                 lines.append(f"| {name} | " + " | ".join(f"{r['test'][m]:.4f}" for m in METRICS)
-                             + f" | {r.get('trained', '')} | {r.get('wall', 0):.0f} |")
+                             + f" | {r.get('trained', '')} | {r.get('wall', 0):.0f}"
+                             + (f" ({r['trained_now']})" if "trained_now" in r else "") + " |")
             extra = [f"{n}: merge weights {r['merge_weights']}" + (
                 f", candidate entropy {r['entropy'][0]:.3f} → {r['entropy'][1]:.3f}" if r.get("entropy") else "")
                      for n, r in rows.items() if r.get("merge_weights")]
@@ -188,6 +190,7 @@ class Bench:
     def llm_run(self, case, label, model, sources, extra=None, learned=False):
         if self.done(case, label):
             return None
+        gc.collect()  # the previous run's model and datasets (RAM is shared with other jobs)
         start = time.time()
         trained_before = self.trained_prompts()
         config = build_config(model, self.args.target, config_dict={**self.common, **self.llm,
@@ -201,10 +204,12 @@ class Bench:
         trainer.fit(train, None, saved=False, show_progress=False)
         result = trainer.evaluate(test, load_best_model=False, show_progress=False)
         wall = time.time() - start
-        trained = self.trained_prompts() - trained_before
         if model == "LLMJoint":
-            trained = len(net.samples)
-        info = {"wall": wall, "trained": trained}
+            prompts = str(len(net.samples))
+        else:  # the training prompts behind each merged module (trained now or reused), from the adapter folders
+            prompts = " + ".join(str(sum(json.loads((Path(f) / "recbole_weaverec.json").read_text())["samples"]
+                                         .values())) for f in net.adapter_folders.values())
+        info = {"wall": wall, "trained": prompts, "trained_now": self.trained_prompts() - trained_before}
         if getattr(net, "merge_weights", None) is not None and model == "WeaveRec":
             names = net.module_names
             info["merge_weights"] = ", ".join(f"{n}={w:.3f}" for n, w in zip(names, net.merge_weights))
@@ -215,7 +220,7 @@ class Bench:
         self.save(case, label, result, **info)
         alone = getattr(net, "extra_results", {}).get("target_only_test_result")
         if alone is not None:
-            self.save(case, "LLMRec (θ0 alone)", alone, wall=0, trained="(θ0 above)")
+            self.save(case, "LLMRec (θ0 alone)", alone, wall=0, trained=info["trained"].split(" + ")[0])
         return net, test
 
     def trained_prompts(self):
@@ -283,6 +288,7 @@ class Bench:
         got = self.llm_run("single", "WeaveRec (average)", "WeaveRec", s1, {"weave_compare_target_only": True})
         if got is not None:
             self.overhead(*got)
+        del got
         self.llm_run("single", "WeaveRec (learned)", "WeaveRec", s1,
                      {"weave_merge": "learned", "weave_compare_target_only": False}, learned=True)
         self.llm_run("single", "LLMMerge (average)", "LLMMerge", s1, {"merge_method": "average"})
