@@ -307,8 +307,13 @@ def test_predict_groups_rows_by_user_and_never_lists_candidates_in_recbole_order
         history = seq[user][:2 + user].tolist()
         alone = model.score_user(history, candidates, order_seed=(user + 1) * 1000003 + 2 + user)
         assert torch.allclose(scores[8 * user:8 * user + 8], alone, atol=1e-5)
+    one_user = Interaction({k: v[:1] for k, v in rows.items()})
     with pytest.raises(FullSortTooLargeError, match="max_full_sort_items=5"):
-        model.full_sort_predict(Interaction({k: v[:1] for k, v in rows.items()}))
+        model.full_sort_predict(one_user)
+    config["max_full_sort_items"] = 100
+    full = model.full_sort_predict(one_user)  # every title scored, no candidate list in the prompt
+    assert full.shape == (model.n_items,) and full[0] == -torch.inf
+    assert torch.allclose(full[1:], model.score_user([1, 2], list(range(1, model.n_items)), listed=[]), atol=1e-5)
 
 
 # --- end to end through the command -------------------------------------------------------------------------------

@@ -98,6 +98,17 @@ class LLMRecommender(SequentialRecommender):
         self.adapter_root = None  # set by the trainer: <checkpoint_dir>/<run>/adapters or adapter_dir
         self.folded = False
         self.show_progress = bool(config["show_progress"])
+        modes = config["eval_args"]["mode"]
+        if "full" in (modes.values() if isinstance(modes, dict) else [modes]):
+            self._check_full_sort()  # refuse before training, not after
+
+    def _check_full_sort(self):
+        n = self.n_items
+        if n - 1 > self.config["max_full_sort_items"]:
+            raise FullSortTooLargeError(
+                f"full-ranking evaluation of {self.config['model']} on {self.target.name!r} would score all {n - 1} "
+                f"item titles per user (max_full_sort_items={self.config['max_full_sort_items']}); use "
+                f"eval_mode=uni29 or raise max_full_sort_items")
 
     # --- what the trainer asks ------------------------------------------------------------------------------
     def training_samples(self):
@@ -205,12 +216,8 @@ class LLMRecommender(SequentialRecommender):
         """``full`` mode: every item's title is scored for every user (cost per user ≈ one prompt pass plus
         n_items/score_chunk_size batched title passes, i.e. ~n_items/30 times a uni29 user); the prompt lists no
         candidates. Refused beyond ``max_full_sort_items`` items."""
+        self._check_full_sort()
         n = self.n_items
-        if n - 1 > self.config["max_full_sort_items"]:
-            raise FullSortTooLargeError(
-                f"full-ranking evaluation of {self.config['model']} on {self.target.name!r} would score all {n - 1} "
-                f"item titles per user (max_full_sort_items={self.config['max_full_sort_items']}); use "
-                f"eval_mode=uni29 or raise max_full_sort_items")
         self.llm.eval()
         seq, lengths = interaction[self.ITEM_SEQ].cpu(), interaction[self.ITEM_SEQ_LEN].cpu()
         out = torch.full((len(seq), n), -torch.inf)
