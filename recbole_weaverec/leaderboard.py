@@ -832,6 +832,8 @@ def build_parser():
                    help="compute only this model's cells (name or label; repeatable); the tables keep the others' "
                         "cached results")
     p.add_argument("--dry-run", action="store_true", help="print the grid and which cells are cached; run nothing")
+    p.add_argument("--render", action="store_true",
+                   help="run nothing: rewrite results.csv, results.md and the PNGs from the cached cells")
     p.add_argument("--quiet", action="store_true", help="no per-run progress bars")
     p.add_argument("--output-dir", help="write here instead of the config's output_dir")
     p.add_argument("--run-cell", help=argparse.SUPPRESS)
@@ -857,6 +859,10 @@ def main(argv=None):
         return 2
     if args.dry_run:
         board.dry_run(args.only)
+        return 0
+    if args.render:
+        board.write_outputs()
+        print(f"wrote {board.out / 'results.md'} from the cache", file=sys.stderr)
         return 0
     # a plain `kill` of the board stops the running cell too (its process has its own session)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

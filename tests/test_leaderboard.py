@@ -187,7 +187,7 @@ def test_markdown_mean_std_and_bold_best():
 
 
 def test_real_tiny_run_end_to_end(tmp_path, monkeypatch, capsys):
-    """EASE + Pop + a misconfigured EASE through real subprocesses, both protocols, then a cached rerun."""
+    """EASE (both protocols) + Pop + a misconfigured EASE through real subprocesses, then a cached rerun."""
     data = write_tiny_dataset(tmp_path / "data", "tiny")
     out = tmp_path / "out"
     path = tmp_path / "board.yaml"
@@ -197,14 +197,15 @@ def test_real_tiny_run_end_to_end(tmp_path, monkeypatch, capsys):
         "protocols": {"full": {"headline": "NDCG@10", "config": {"metrics": ["NDCG", "Hit"], "topk": [10]}},
                       "uni29": {"headline": "NDCG@5", "config": {"metrics": ["NDCG", "MRR"], "topk": [1, 5],
                                                                   "valid_metric": "NDCG@5"}}},
-        "models": ["EASE", "Pop", {"model": "EASE", "label": "EASE-bad", "protocols": ["full"],
+        "models": ["EASE", {"model": "Pop", "protocols": ["full"]},
+                   {"model": "EASE", "label": "EASE-bad", "protocols": ["full"],
                                    "config": {"reg_weight": "abc"}}]}))
     monkeypatch.chdir(tmp_path)
     assert main(["--config", str(path), "--quiet"]) == 1  # one failed cell
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 5
+    assert len(rows) == 4
     ok = [r for r in rows if r["status"] == "ok"]
-    assert len(ok) == 4 and all(0 <= float(r["NDCG@10" if r["protocol"] == "full" else "NDCG@5"]) <= 1 for r in ok)
+    assert len(ok) == 3 and all(0 <= float(r["NDCG@10" if r["protocol"] == "full" else "NDCG@5"]) <= 1 for r in ok)
     assert {r["model"]: r["history"] for r in ok} == {"EASE": "train+valid", "Pop": "train"}
     bad = next(r for r in rows if r["label"] == "EASE-bad")
     assert bad["status"] == "failed" and "reg_weight" in bad["error"] and "\n" not in bad["error"]
@@ -212,7 +213,7 @@ def test_real_tiny_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert "## Protocol `full`" in md and "## Protocol `uni29`" in md and "**" in md
     for png in ("full_NDCG-10.png", "uni29_NDCG-5.png", "uni29_MRR-1.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert len(list((out / "cache" / "cells").glob("*.json"))) == 4
+    assert len(list((out / "cache" / "cells").glob("*.json"))) == 3
     assert list((out / "cache" / "logs").glob("*.log"))  # RecBole's log of each cell is kept
     assert not (tmp_path / "log").exists() and not (out / "cache" / "work").exists() or \
         not list((out / "cache" / "work").iterdir())
@@ -220,13 +221,17 @@ def test_real_tiny_run_end_to_end(tmp_path, monkeypatch, capsys):
     # rerun: only the failed cell is attempted again; --dry-run shows the cache
     assert main(["--config", str(path), "--dry-run"]) == 0
     listing = capsys.readouterr().out
-    assert listing.count("cached") == 1 + 4 and "to run" in listing
+    assert listing.count("cached") == 1 + 3 and "to run" in listing
     calls = []
     real = lb.SubprocessRunner.__call__
     monkeypatch.setattr(lb.SubprocessRunner, "__call__", lambda self, c: calls.append(c) or real(self, c))
     assert main(["--config", str(path), "--quiet", "--only", "Pop"]) == 0  # cached: nothing runs
     assert calls == []
-    assert "**" in (out / "results.md").read_text() and len(list(csv.DictReader(open(out / "results.csv")))) == 5
+    assert "**" in (out / "results.md").read_text() and len(list(csv.DictReader(open(out / "results.csv")))) == 4
+    (out / "results.md").unlink()
+    (out / "full_NDCG-10.png").unlink()
+    assert main(["--config", str(path), "--render"]) == 0 and calls == []  # outputs from the cache alone
+    assert (out / "results.md").is_file() and (out / "full_NDCG-10.png").is_file()
     assert json.loads(next((out / "cache" / "cells").glob("*.json")).read_text())["status"] == "ok"
 
 
