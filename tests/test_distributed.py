@@ -131,11 +131,26 @@ def _plain(result):
     return json.loads(json.dumps(result, default=float))
 
 
+def _llm_case(folder):
+    """LLMRec end to end (LoRA training through LLMTrainer, adapter folder, sharded scoring) on a tiny random Llama."""
+    return ("LLMRec", "uni29", {"llm_path": str(folder), "max_train_samples": 10, "train_batch_size": 4,
+                                "lora_dropout": 0.0, "epochs": 1, "eval_sample_users": 9, "topk": [1, 3, 5],
+                                "valid_metric": "NDCG@5"})
+
+
+def _adapter(checkpoint_dir):
+    from safetensors.torch import load_file
+
+    files = glob.glob(os.path.join(checkpoint_dir, "*", "adapters", "tiny", "adapter_model.safetensors"))
+    assert len(files) == 1, files
+    return load_file(files[0])
+
+
 def _worker(rank, world, port, data, folder):
     """Everything the 2-process tests compare, in one pair of processes (starting them is the slow part)."""
     out = {"eval": []}
     try:
-        for model, mode, extra in CASES:  # RecBole's keys, as run(nproc=2) sets them; the group is opened once
+        for model, mode, extra in CASES + [_llm_case(os.path.join(folder, "llm"))]:  # RecBole's keys, as run(nproc=2) sets them; the group is opened once
             cfg = {**_config(data, mode, **extra), "local_rank": rank, "nproc": world, "world_size": world,
                    "ip": "127.0.0.1", "port": str(port), "offset": 0}
             out["eval"].append(_plain(run(model, "tiny", config_dict=cfg)))
@@ -154,17 +169,22 @@ def two_processes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two")
     # 37 users: the DistributedSampler pads one shard with a repeated user, which must not be counted
     data = write_tiny_dataset(folder / "data", n_users=37)
+    from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer, tiny_llama
+
+    tokenizer = load_tokenizer(str(embedded_folder()))
+    tiny_llama(tokenizer, seed=0).save_pretrained(folder / "llm")
+    tokenizer.save_pretrained(folder / "llm")
     cwd = os.getcwd()
     os.chdir(folder)  # logs and checkpoints of the spawned runs go here
     try:
         mp.spawn(_worker, args=(2, free_port(), str(data), str(folder)), nprocs=2, join=True)
     finally:
         os.chdir(cwd)
-    return data, [torch.load(folder / f"rank{r}.pt") for r in range(2)]
+    return folder, data, [torch.load(folder / f"rank{r}.pt") for r in range(2)]
 
 
 def test_two_processes_train_the_same_weights_as_one(two_processes):
-    _, ranks = two_processes
+    _, _, ranks = two_processes
     one = {"mlp": {}, "in_batch": {}, "lora": {}}
     _mlp_training(one["mlp"])
     _in_batch_training(one["in_batch"])
@@ -181,13 +201,19 @@ def test_two_processes_train_the_same_weights_as_one(two_processes):
 
 
 def test_sharded_evaluation_equals_one_process(two_processes, run_dir):
-    data, ranks = two_processes
-    single = [_plain(run(model, "tiny", config_dict=_config(data, mode, **extra))) for model, mode, extra in CASES]
-    for (model, mode, _), one, two in zip(CASES, single, ranks[0]["eval"]):
+    folder, data, ranks = two_processes
+    cases = CASES + [_llm_case(folder / "llm")]
+    single = [_plain(run(model, "tiny", config_dict=_config(data, mode, **extra))) for model, mode, extra in cases]
+    for (model, mode, _), one, two in zip(cases, single, ranks[0]["eval"]):
         assert two["test_result"] == one["test_result"], (model, mode)
         assert two["best_valid_result"] == one["best_valid_result"], (model, mode)
-        assert one["test_result"]["hit@10"] > 0
+        assert one["test_result"]["hit@5"] > 0
     assert ranks[1]["eval"] == ranks[0]["eval"]  # every rank gets the gathered metrics
+    # LLMRec's LoRA adapter, trained on 2 processes and saved by rank 0, equals the 1-process adapter
+    one, two = _adapter("saved"), _adapter(folder / "saved")
+    assert one.keys() == two.keys() and any(v.abs().sum() > 0 for k, v in one.items() if "lora_B" in k)
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-5, rtol=1e-4), key
 
 
 def test_run_nproc_2_matches_one_process_and_writes_on_rank_0_only(tmp_path, monkeypatch):
