@@ -147,6 +147,8 @@ def quality(args):
                               "loss_type": "CE", "train_neg_sample_args": None}),
         ("LLMJoint", "LLMJoint", llm),
     ]
+    if args.models:  # e.g. --models=LLMJoint to run one row in a second process
+        runs = [r for r in runs if any(r[0].startswith(m) for m in args.models.split(","))]
     results = []
     for label, model, extra in runs:
         start = time.time()
@@ -191,7 +193,7 @@ def write_quality(args, results, work):
 - Wall time includes loading the datasets and the model; the machine is shared with other jobs
   (load average now {os.getloadavg()[0]:.1f}). Run folder: `{work}`.
 """
-    write_section("LLM core: quality at CPU scale", body)
+    write_section(args.section, body)
 
 
 def main():
@@ -207,6 +209,8 @@ def main():
     parser.add_argument("--speed-users", type=int, default=4)
     parser.add_argument("--naive-users", type=int, default=2)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--models", default=None, help="comma-separated row labels (prefixes) to run; default all")
+    parser.add_argument("--section", default="LLM core: quality at CPU scale", help="RESULTS.md section to write")
     parser.add_argument("--llm-path", default="embedded", help="another model only for dry runs of this script")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
