@@ -402,6 +402,14 @@ def _atomic_write(path, text):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    _publish(tmp, path)
+
+
+def _publish(tmp, path):
+    """Move a finished temporary file into place with ordinary permissions (mkstemp makes it owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 
@@ -565,7 +573,7 @@ def write_csv(rows, path):
             out = {k: r[k] for k in fields if k in r}
             out.update({metric_name(m): f"{v:.6g}" for m, v in r["metrics"].items()})
             w.writerow(out)
-    os.replace(f.name, path)
+    _publish(f.name, path)
 
 
 def mean_std(values):
