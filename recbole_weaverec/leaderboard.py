@@ -787,7 +787,7 @@ def write_charts(rows, cfg, out_dir):
             width = 0.8 / len(models)
             cmap = plt.get_cmap("tab20")
             for i, (label, src) in enumerate(models):
-                xs, ys, es = [], [], []
+                xs, ys, es, seeds = [], [], [], []
                 for j, d in enumerate(datasets):
                     g = groups.get((protocol, d, label, src))
                     if g and metric in g["metrics"]:
@@ -795,8 +795,10 @@ def write_charts(rows, cfg, out_dir):
                         xs.append(j - 0.4 + width * (i + 0.5))
                         ys.append(m)
                         es.append(s)
+                        seeds.append(g["n"])
                 name = label if src == "-" else f"{label} ({src})"
-                ax.bar(xs, ys, width, yerr=es, capsize=2, label=name, color=cmap(i % 20))
+                spread = es if any(n > 1 for n in seeds) else None  # one seed: no error bar
+                ax.bar(xs, ys, width, yerr=spread, capsize=2, label=name, color=cmap(i % 20))
             ax.set_xticks(range(len(datasets)))
             ax.set_xticklabels(datasets)
             ax.set_ylabel(f"test {metric_name(metric)}")
