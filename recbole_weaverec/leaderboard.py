@@ -676,7 +676,7 @@ def render_markdown(rows, cfg=None, charts=None, now=None):
                 f"models of a table rank the same candidates. Test metrics; **bold** = best in its column.", ""]
     out += ["`history` = the interactions a model sees when it scores a test user: `train+valid` for sequential "
             "models (the validation item is the last one of the input sequence) and for our closed-form models "
-            "(`test_history: train_valid`); `train` for RecBole's general models (BPR, LightGCN, recbole:EASE), "
+            "(`test_history: train_valid`); `train` for RecBole's general models (Pop, BPR, LightGCN, recbole:EASE), "
             "which never see the validation item as input.", ""]
     pending = sum(r["status"] == "pending" for r in rows)
     if pending:
