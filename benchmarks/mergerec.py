@@ -26,6 +26,9 @@ import recbole_weaverec  # noqa: E402,F401
 DOMAINS = ["amazon-beauty", "amazon-sports", "amazon-toys", "amazon-pantry"]
 SHARED = REPO.parent / "shared" / "data"
 METRICS = ("recall@10", "ndcg@10")
+DISPLAY = ["fine-tuned domain model (own domain)", "pretrained encoder (no fine-tuning)", "average (λ=1/K)",
+           "task arithmetic (λ=0.2)", "TIES (density 0.2, λ=1)", "MergeRec task-wise (TA init)",
+           "MergeRec layer-wise (TA init)"]
 
 
 class PeakRSS:
@@ -146,7 +149,10 @@ def main(argv=None):
                " | avg R@10 | avg N@10 |"
         sep = "|" + "---|" * (2 + 2 * len(DOMAINS) + 1)
         rows = [head, sep]
-        for name, res in results.items():
+        for name in DISPLAY:
+            if name not in results:
+                continue
+            res = results[name]
             cells = []
             for d in DOMAINS:
                 cells += [fmt(res[d]["recall@10"]), fmt(res[d]["ndcg@10"])]
@@ -154,8 +160,9 @@ def main(argv=None):
             rows.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(avg[0])} | {fmt(avg[1])} |")
         sizes = []
         for d in DOMAINS:
+            if d not in shared_domains:
+                continue
             net, test, dconfig = shared_domains[d]
-            ds = test._dataset
             sizes.append(f"{d}: {net.n_items - 1} items, {len(test._dataset.inter_feat)} test users")
         ft_lines = [f"| {d} | {s['epoch_s']:.0f} | {s['total_s']:.0f} | {s['delta_mb']:.0f} | {s['peak_mb']:.0f} |"
                     for d, s in ft_stats.items()]
@@ -202,38 +209,57 @@ def main(argv=None):
         if not args.no_write:
             write_section("MergeRec: merging per-domain text two-tower models", body)
 
-    # each domain's own fine-tuned model on its own domain (the upper reference)
-    pipe = pipeline_for(merge_learn=False)
-    own = {}
-    for d in DOMAINS:
-        state, _ = dm.load_domain_model(dm.finetuned_path(base_config, dm.domain_text_config(tconfig, d),
-                                                          encoder_path)[0])
-        own[d] = pipe.evaluate_state(d, state)
-        log(f"own model on {d}: {dict(own[d])}")
-    results["fine-tuned domain model (own domain)"] = own
+    # Every finished row is stored (per slice size and step count), so an interrupted run resumes where it stopped.
+    store = work / f"results-{args.users}u-{args.steps}steps.json"
+    saved = json.loads(store.read_text()) if store.is_file() else {}
+    results.update(saved.get("results", {}))
+    coef_text.update(saved.get("coefficients", {}))
+    learn_stats.update(saved.get("learn", {}))
 
-    variants = [
-        ("average (λ=1/K)", dict(merge_init="average", merge_learn=False)),
-        ("task arithmetic (λ=0.2)", dict(merge_init="task_arithmetic", merge_learn=False)),
-        ("TIES (density 0.2, λ=1)", dict(merge_init="ties", merge_learn=False)),
-        ("MergeRec task-wise (TA init)", dict(merge_init="task_arithmetic", merge_granularity="task")),
-        ("MergeRec layer-wise (TA init)", dict(merge_init="task_arithmetic", merge_granularity="layer")),
-    ]
-    for name, overrides in variants:
+    def own_models():
+        pipe = pipeline_for(merge_learn=False)
+        own = {}
+        for d in DOMAINS:
+            path = dm.finetuned_path(base_config, dm.domain_text_config(tconfig, d), encoder_path)[0]
+            own[d] = pipe.evaluate_state(d, dm.load_domain_model(path)[0])
+        return own
+
+    def pretrained():
+        pipe = pipeline_for(merge_learn=False)
+        return {d: pipe.evaluate_state(d, pipe.model.base_state) for d in DOMAINS}
+
+    def merged(name, overrides):
         pipe = pipeline_for(**overrides)
         with PeakRSS() as mem:
             pipe.run()
         if overrides.get("merge_learn", True):
             learn_stats[name] = {"learn_s": pipe.timings["learn_s"], "teacher_s": pipe.timings["teacher_s"],
                                  "total_s": mem.seconds, "delta_mb": mem.delta_mb, "peak_mb": mem.peak_mb,
-                                 "first_loss": pipe.losses[0], "last_loss": sum(pipe.losses[-20:]) / len(pipe.losses[-20:])}
+                                 "first_loss": pipe.losses[0],
+                                 "last_loss": sum(pipe.losses[-20:]) / len(pipe.losses[-20:])}
         coef_text[name] = pipe._format_coefficients()
-        results[name] = pipe.evaluate_domains(pipe.model.tower.encoder.state_dict())
-        log(f"{name}: {[(d, dict(r)) for d, r in results[name].items()]}  coefficients {coef_text[name]}")
-        report(done=False)  # partial results survive an interrupted run
-    base_res = {d: pipe.evaluate_state(d, pipe.model.base_state) for d in DOMAINS}
-    results["pretrained encoder (no fine-tuning)"] = base_res
-    report(done=True)
+        return pipe.evaluate_domains(pipe.model.tower.encoder.state_dict())
+
+    # the key comparison first (the CPU is shared: later rows may not make it before a deadline)
+    steps = [
+        ("task arithmetic (λ=0.2)", lambda n: merged(n, dict(merge_init="task_arithmetic", merge_learn=False))),
+        ("MergeRec task-wise (TA init)", lambda n: merged(n, dict(merge_init="task_arithmetic",
+                                                                  merge_granularity="task"))),
+        ("fine-tuned domain model (own domain)", lambda n: own_models()),
+        ("TIES (density 0.2, λ=1)", lambda n: merged(n, dict(merge_init="ties", merge_learn=False))),
+        ("average (λ=1/K)", lambda n: merged(n, dict(merge_init="average", merge_learn=False))),
+        ("MergeRec layer-wise (TA init)", lambda n: merged(n, dict(merge_init="task_arithmetic",
+                                                                   merge_granularity="layer"))),
+        ("pretrained encoder (no fine-tuning)", lambda n: pretrained()),
+    ]
+    order = [n for n, _ in steps]
+    for name, fn in steps:
+        if name not in results:
+            results[name] = {d: {m: float(v) for m, v in r.items()} for d, r in fn(name).items()}
+            log(f"{name}: {results[name]}  coefficients {coef_text.get(name, '')}")
+            store.write_text(json.dumps({"results": results, "coefficients": coef_text, "learn": learn_stats},
+                                        indent=1))
+        report(done=all(n in results for n in order))
 
 
 
