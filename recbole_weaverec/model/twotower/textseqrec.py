@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType, ModelType
 
+from recbole_weaverec import distributed
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.itemtext import MissingTextFieldError, item_texts
 from recbole_weaverec.model.lae.base import check_choice, check_number
@@ -107,8 +108,10 @@ class TextSeqRec(SequentialRecommender):
         user = self.user_embeddings(interaction)
         pos = interaction[self.POS_ITEM_ID]
         if self.softmax == "in_batch":
-            # each distinct positive once, so a repeated item is never its own negative
-            items, target = torch.unique(pos, return_inverse=True)
+            # each distinct positive once, so a repeated item is never its own negative; in a data-parallel run the
+            # negatives are the positives of the whole global batch (all processes), as with one process
+            items = torch.unique(distributed.all_gather_rows(pos))
+            target = torch.searchsorted(items, pos)
             logits = user @ self.item_embeddings(items).T
         else:
             if self._train_catalogue is None or self._steps % self.full_softmax_refresh == 0:
