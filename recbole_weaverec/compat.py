@@ -41,6 +41,16 @@ for _name, _alias in {"float": float, "int": int, "bool": bool, "long": np.int64
     if _name not in np.__dict__:
         setattr(np, _name, _alias)
 
+# RecBole's graph models (LightGCN, NGCF, GCMC, NCL, SpectralCF) fill their adjacency with dok_matrix._update, which
+# scipy >= 1.12 removed; its storage is the dict `_dict` there.
+import scipy.sparse as _sp  # noqa: E402
+
+if not hasattr(_sp.dok_matrix, "_update"):
+    def _dok_update(self, data):
+        self._dict.update(data)
+
+    _sp.dok_matrix._update = _dok_update
+
 import torch  # noqa: E402
 
 
