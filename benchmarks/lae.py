@@ -158,8 +158,9 @@ def params_str(params):
 def render(results):
     lines = ["Full ranking, RecBole leave-one-out split (TO + LS valid_and_test), seed 2020, tie_break none, "
              "test_history train for every row (RecBole's protocol for general models). Times are wall-clock on a "
-             "shared 2-core machine (other jobs were running), so ratios are indicative. Domains: "
-             + ", ".join(results) + f" (of {', '.join(DOMAINS)}; the others were not run in this invocation).", "",
+             "shared 2-core machine (other jobs were running), so ratios are indicative."
+             + ("" if set(DOMAINS) <= set(results) else " Not run in this invocation: "
+                + ", ".join(d for d in DOMAINS if d not in results) + "."), "",
              "### Our EASE vs RecBole's EASE (reg_weight 250, each fitted in its own process)", "",
              "| domain | users | items | ours fit s | RecBole fit s | time ratio | ours peak RSS GB (fit) | "
              "RecBole peak RSS GB (fit) | ours R@20 / N@20 | RecBole R@20 / N@20 |",
