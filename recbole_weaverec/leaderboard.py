@@ -439,8 +439,9 @@ class SubprocessRunner:
         except subprocess.TimeoutExpired:
             _kill(proc)
             rc = None
-        except BaseException:  # Ctrl-C: the child goes too
+        except BaseException:  # Ctrl-C: the child goes too, and its half-written scratch folder
             _kill(proc)
+            shutil.rmtree(work, ignore_errors=True)
             raise
         result = work / "result.json"
         if result.is_file():
