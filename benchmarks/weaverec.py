@@ -46,6 +46,7 @@ def parse():
     p.add_argument("--learn_users", type=int, default=6)
     p.add_argument("--learn_steps", type=int, default=12)
     p.add_argument("--overhead_users", type=int, default=6)
+    p.add_argument("--no_learned", action="store_true", help="skip WeaveRec (learned) (memory: ~4 GB more)")
     p.add_argument("--overhead_repeats", type=int, default=2)
     p.add_argument("--overhead_only", action="store_true", help="(re)measure only part 1, with the modules already "
                                                                    "in the work folder")
@@ -311,15 +312,17 @@ class Bench:
         if got is not None:
             self.overhead(*got)
         del got
-        self.llm_run("single", "WeaveRec (learned)", "WeaveRec", s1,
-                     {"weave_merge": "learned", "weave_compare_target_only": False}, learned=True)
+        if not self.args.no_learned:
+            self.llm_run("single", "WeaveRec (learned)", "WeaveRec", s1,
+                         {"weave_merge": "learned", "weave_compare_target_only": False}, learned=True)
         self.llm_run("single", "LLMMerge (average)", "LLMMerge", s1, {"merge_method": "average"})
         self.llm_run("single", "LLMJoint", "LLMJoint", s1)
         self.baseline("single", "SASRec", {"epochs": self.args.sasrec_epochs, "train_batch_size": 256,
                                            "stopping_step": 3, "eval_step": 1})
         self.llm_run("two", "WeaveRec (average)", "WeaveRec", both, {"weave_compare_target_only": False})
-        self.llm_run("two", "WeaveRec (learned)", "WeaveRec", both,
-                     {"weave_merge": "learned", "weave_compare_target_only": False}, learned=True)
+        if not self.args.no_learned:
+            self.llm_run("two", "WeaveRec (learned)", "WeaveRec", both,
+                         {"weave_merge": "learned", "weave_compare_target_only": False}, learned=True)
         self.llm_run("two", "LLMMerge (average)", "LLMMerge", both, {"merge_method": "average"})
         self.llm_run("two", "LLMJoint", "LLMJoint", both)
         self.state["_wall"] = self.state.get("_wall", 0) + time.time() - self.t0

@@ -243,7 +243,7 @@ class WeaveRec(LLMMerge):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
         with torch.no_grad():
             merged = {k: v.detach() for k, v in merge.merged().items()}
             w = merge.weights()
