@@ -15,7 +15,7 @@ from recbole.utils import get_trainer, init_seed, set_color
 from recbole_weaverec.config import ConfigError, WeaveConfig
 
 FULL_SORT_USERS_PER_BATCH = 256
-DEFAULT_MODEL = "EASE"  # the main job of the README; WeaveRec once it lands
+DEFAULT_MODEL = "WeaveRec"  # the README's main job: WeaveRec on toys-sample with beauty-sample as source
 
 
 def build_config(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None):
@@ -181,4 +181,5 @@ def _run(config, saved):
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
+        **(getattr(model, "extra_results", None) or {}),  # e.g. WeaveRec's target_only_test_result
     }
