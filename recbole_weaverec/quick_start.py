@@ -33,9 +33,9 @@ def get_trainer_class(config, model_class):
 
 
 def _size_eval_batch(config, dataset):
-    user_set = {"eval_batch_size"} & (set(config.external_config_dict) | set(config.internal_config_dict))
+    # only a user's own setting counts: RecBole's overall.yaml always puts 4096 into the internal layer
     modes = set(config["eval_args"]["mode"].values())
-    if not user_set and "full" in modes:
+    if "eval_batch_size" not in config.external_config_dict and "full" in modes:
         config["eval_batch_size"] = max(4096, FULL_SORT_USERS_PER_BATCH * dataset.item_num)
 
 

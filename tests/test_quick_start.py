@@ -178,3 +178,14 @@ def test_eval_sample_users_restricts_to_same_users(tiny_data, run_dir):
     assert len({u for u, _ in a}) == 7 and a == b
     with pytest.raises(ConfigError, match="eval_sample_users"):
         _candidates("EASE", tiny_data, {"eval_sample_users": -1})
+
+
+def test_full_mode_eval_batch_sized_from_catalogue(tiny_data, run_dir):
+    from recbole_weaverec.quick_start import FULL_SORT_USERS_PER_BATCH, prepare
+
+    config = build_config("EASE", "tiny", config_dict={"data_path": str(tiny_data), **FAST})
+    dataset, _, _, _ = prepare(config)
+    assert config["eval_batch_size"] == max(4096, FULL_SORT_USERS_PER_BATCH * dataset.item_num)
+    config = build_config("EASE", "tiny", config_dict={"data_path": str(tiny_data), "eval_batch_size": 77, **FAST})
+    prepare(config)
+    assert config["eval_batch_size"] == 77
