@@ -20,16 +20,12 @@ import numpy as np
 import torch
 
 from recbole_weaverec import distributed
-from recbole_weaverec.config import ConfigError
+from recbole_weaverec.merging import AdapterMismatchError  # one error type for adapter mismatches (re-exported)
 from recbole_weaverec.model.llm.backbone import base_name
 from recbole_weaverec.model.llm.prompts import IGNORE_INDEX
 
 ALL_LINEAR = "all-linear"
 META_FILE = "recbole_weaverec.json"  # what an adapter folder was trained on (next to peft's files)
-
-
-class AdapterMismatchError(ConfigError):
-    """An adapter folder that does not fit this run (another base model, missing files)."""
 
 
 # --- data -------------------------------------------------------------------------------------------------------
