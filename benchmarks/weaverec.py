@@ -102,6 +102,8 @@ class Bench:
         }
         self.llm = {
             "max_train_samples": args.samples, "weave_target_samples": args.samples,
+            # amazon-sports has items whose title is literally "null" (read as missing): use their categories
+            "title_fallback_field": "categories",
             "weave_source_samples": args.samples, "train_bf16": True, "max_history": 5, "max_title_tokens": 10, "adapter_dir": str(self.work / "adapters"),
             "weave_learn_users": args.learn_users, "weave_learn_steps": args.learn_steps, "llm_path": args.llm_path,
         }
