@@ -11,14 +11,12 @@ from pathlib import Path
 from recbole_weaverec import compat  # noqa: F401
 from recbole.config import Config
 
+from recbole_weaverec.errors import ConfigError  # noqa: F401  (re-exported: older imports)
+
 PROPERTIES = Path(__file__).resolve().parent.parent / "properties"
 DEFAULT_DATA_PATH = Path(__file__).resolve().parent.parent / "dataset"
 DEFAULT_DATASET = "toys-sample"
 MERGED_KEYS = ("eval_args",)  # dict-valued keys merged key by key instead of replaced
-
-
-class ConfigError(ValueError):
-    """A bad configuration value: the message names the key, the value and what is allowed."""
 
 
 def parse_cmd_args(args):
@@ -57,6 +55,30 @@ class WeaveConfig(Config):
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"config file not found: {file}")
         super().__init__(model, dataset, config_file_list, config_dict)
+
+    def _load_config_files(self, file_list):
+        import yaml
+
+        out = {}
+        for file in file_list or []:
+            try:
+                with open(file, encoding="utf-8") as f:
+                    layer = yaml.load(f.read(), Loader=self.yaml_loader)
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"config file {file} is not UTF-8 text (byte {e.start})") from None
+            except yaml.YAMLError as e:
+                where = getattr(e, "problem_mark", None)
+                line = f" line {where.line + 1}" if where is not None else ""
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise ConfigError(f"config file {file}{line}: not valid YAML ({problem}); only plain YAML values "
+                                  f"are read (no !!python tags)") from None
+            if layer is None:
+                continue
+            if not isinstance(layer, dict):
+                raise ConfigError(f"config file {file} holds a {type(layer).__name__}, not a mapping of "
+                                  f"key: value lines")
+            out.update(layer)
+        return out
 
     def _load_cmd_line(self):
         return self._convert_config_dict(dict(self._cmd_args))

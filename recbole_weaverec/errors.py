@@ -1,0 +1,10 @@
+"""Errors a user can cause with bad input. Each message is one line naming the bad value and what is allowed;
+the CLI prints it as ``error: ...`` and exits 2. Imports nothing, so every module can use it."""
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: the message names the key, the value and what is allowed."""
+
+
+class DataFileError(ConfigError):
+    """A broken atomic data file: the message names the file (and line) and what is wrong."""
