@@ -3,7 +3,6 @@ import argparse
 import sys
 
 
-
 def build_parser():
     p = argparse.ArgumentParser(
         description="Train and evaluate a recbole-weaverec model or any RecBole model. Extra --key=value arguments "
@@ -28,6 +27,7 @@ def main(argv=None):
     from recbole_weaverec.config import ConfigError
     from recbole_weaverec.quick_start import run
     from recbole_weaverec.registry import UnknownModelError
+    from recbole_weaverec.runfiles import Terminated
 
     files = args.config_files.split() if args.config_files else None
     model = args.model
@@ -40,4 +40,11 @@ def main(argv=None):
     except (ConfigError, UnknownModelError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: this run's log, TensorBoard folder and checkpoint were removed", file=sys.stderr)
+        return 130
+    except Terminated as e:
+        print("terminated (SIGTERM): this run's log, TensorBoard folder and checkpoint were removed",
+              file=sys.stderr)
+        return e.code
     return 0

@@ -2,7 +2,6 @@
 import glob
 import logging
 import os
-import shutil
 
 import numpy as np
 import torch
@@ -128,29 +127,37 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
                                       config_dict=config_dict, saved=saved, cmd_args=cmd_args),
                                  nproc, world_size, ip, port, group_offset)
     config = build_config(model, dataset, config_file_list, config_dict, cmd_args)
-    logs_before = set(glob.glob("log/**/*.log", recursive=True))
     from recbole_weaverec.distributed import init_logger as init_rank_logger  # log file on rank 0 only
+    from recbole_weaverec.runfiles import JournaledList, RunFiles, sigterm_as_exit
 
-    init_rank_logger(config)
-    try:
-        return _run(config, saved)
-    except BaseException:
-        _remove_partial_output(config, set(glob.glob("log/**/*.log", recursive=True)) - logs_before)
-        raise
+    with sigterm_as_exit():  # SIGTERM (timeout, Slurm, docker stop) cleans up exactly as Ctrl-C does
+        files = RunFiles()  # also removes the files of runs here that were killed outright
+        new_logs = []
+        try:
+            before = set(glob.glob("log/**/*.log", recursive=True))
+            init_rank_logger(config)
+            # RecBole creates the file even where logging.basicConfig then ignores it (handlers already set)
+            new_logs = sorted(set(glob.glob("log/**/*.log", recursive=True)) - before)
+            for log_file in new_logs:
+                files.add_log_file(log_file)
+            config.final_config_dict["_run_outputs"] = JournaledList(
+                files, config.final_config_dict.get("_run_outputs", []))
+            result = _run(config, saved)
+        except BaseException:
+            _close_log_files(new_logs)
+            files.discard(config.final_config_dict.get("_run_outputs", []))
+            raise
+        files.finished()
+        return result
 
 
-def _remove_partial_output(config, new_logs):
-    """A failed run leaves no log file or checkpoint of its own behind."""
-    new_logs = {os.path.abspath(p) for p in new_logs}
+def _close_log_files(log_files):
+    """The failed run's log file handler is closed before the file is removed (RecBole keeps it open)."""
+    log_files = {os.path.abspath(p) for p in log_files}
     for handler in list(logging.getLogger().handlers):
-        if isinstance(handler, logging.FileHandler) and handler.baseFilename in new_logs:
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename in log_files:
             handler.close()
             logging.getLogger().removeHandler(handler)
-    for path in [*new_logs, *config.final_config_dict.get("_run_outputs", [])]:
-        if os.path.isfile(path):
-            os.remove(path)
-        elif os.path.isdir(path):
-            shutil.rmtree(path)
 
 
 def _run(config, saved):
@@ -165,7 +172,10 @@ def _run(config, saved):
     logger.info(model)
 
     trainer = get_trainer_class(config, config.model_class)(config, model)
-    config.final_config_dict.setdefault("_run_outputs", []).append(trainer.saved_model_file)
+    config.final_config_dict["_run_outputs"].append(trainer.saved_model_file)
+    writer = getattr(trainer, "tensorboard", None)
+    if hasattr(writer, "get_logdir"):  # named after the log file, or 'null'/'model-<time>' without one
+        config.final_config_dict["_run_outputs"].append(writer.get_logdir())
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"])
     before_test = getattr(model, "before_test", None)
@@ -175,7 +185,7 @@ def _run(config, saved):
 
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
-    config.final_config_dict["_run_outputs"] = []  # finished: keep everything
+    config.final_config_dict["_run_outputs"] = []  # finished: keep everything (the journal is deleted by run())
     return {
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
@@ -183,3 +193,6 @@ def _run(config, saved):
         "test_result": test_result,
         **(getattr(model, "extra_results", None) or {}),  # e.g. WeaveRec's target_only_test_result
     }
+
+
+from recbole_weaverec.reload import load_data_and_model  # noqa: E402,F401  (RecBole's quick_start name, for our runs)

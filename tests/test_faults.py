@@ -1,0 +1,87 @@
+"""Faults leave nothing half-written (issue 12): SIGTERM cleans up as Ctrl-C does, a SIGKILLed run's files are
+removed by the next run in the same folder, failed runs leave no empty log/TensorBoard folders."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from recbole_weaverec.quick_start import run
+
+from conftest import REPO
+
+
+def _outputs(folder):
+    found = []
+    for pattern in ("log/**/*.log", "log_tensorboard/*", "saved/*.pth", "log/*"):
+        found += glob.glob(os.path.join(folder, pattern), recursive=True)
+    return sorted(p for p in found if not p.endswith(".unfinished"))
+
+
+def _start_slow_run(tiny_data, folder):
+    cmd = [sys.executable, str(REPO / "run_recbole_weaverec.py"), "--model=SASRec", "--dataset=tiny",
+           f"--data_path={tiny_data}", "--epochs=500", "--eval_step=1", "--stopping_step=1000",
+           "--show_progress=False"]
+    proc = subprocess.Popen(cmd + ["--state=ERROR"], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True,
+                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not glob.glob(os.path.join(folder, "saved", "*.pth")):
+        if proc.poll() is not None:
+            pytest.fail(f"run ended early: {proc.stderr.read()}")
+        time.sleep(0.2)
+    assert glob.glob(os.path.join(folder, "saved", "*.pth")), "no checkpoint written within 120 s"
+    assert glob.glob(os.path.join(folder, "log_tensorboard", "*")) and glob.glob(os.path.join(folder, "log", "*"))
+    return proc
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_leave_nothing(tiny_data, tmp_path, sig, code):
+    proc = _start_slow_run(tiny_data, tmp_path)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(("terminated (SIGTERM)", "interrupted")), err
+    assert _outputs(tmp_path) == []
+
+
+def test_sigkilled_run_is_cleaned_by_the_next_run(tiny_data, tmp_path, monkeypatch):
+    proc = _start_slow_run(tiny_data, tmp_path)
+    proc.kill()
+    proc.wait(timeout=30)
+    dead = _outputs(tmp_path)
+    assert any(p.endswith(".pth") for p in dead)
+    monkeypatch.chdir(tmp_path)
+    result = run("EASE", "tiny", config_dict={"data_path": str(tiny_data), "show_progress": False})
+    assert result["test_result"]
+    left = _outputs(tmp_path)
+    assert not any(p in left for p in dead if "SASRec" in os.path.basename(p)), left
+    assert any("EASE" in p for p in left)  # the finished run keeps its own files
+    assert not os.path.exists(tmp_path / "log" / ".unfinished")
+
+
+def test_planted_journal_cannot_delete_outside_the_folder(tmp_path, monkeypatch):
+    import json
+
+    from recbole_weaverec.runfiles import recover_dead_runs
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    work = tmp_path / "work"
+    (work / "log" / ".unfinished").mkdir(parents=True)
+    (work / "log" / ".unfinished" / "999999.json").write_text(
+        json.dumps({"pid": 2 ** 22 + 12345, "paths": [str(victim)]}))
+    monkeypatch.chdir(work)
+    recover_dead_runs()
+    assert victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("bad", [{"eval_args": {"mode": "nonsense"}}, {"valid_metric": "NoSuchMetric@10"}])
+def test_failed_runs_leave_no_folders(tiny_data, run_dir, bad):
+    with pytest.raises(Exception):
+        run("EASE", "tiny", config_dict={"data_path": str(tiny_data), "show_progress": False, **bad})
+    assert _outputs(run_dir) == []
