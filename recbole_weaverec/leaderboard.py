@@ -390,10 +390,27 @@ def run_cell(cell, show_progress=False):
 def _cell_main(cell_file, result_file, show_progress):
     """Entry point of the child process."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _stop_when_orphaned()
     cell = json.loads(Path(cell_file).read_text(encoding="utf-8"))
     row = run_cell(cell, show_progress)
     _atomic_write(result_file, json.dumps(row))
     return 0
+
+
+def _stop_when_orphaned(poll_s=1.0):
+    """The cell runs in its own session (so Ctrl-C at the board reaches only the board, which then kills it); if the
+    board dies without that (SIGKILL, OOM killer), this cell terminates itself with SIGTERM, i.e. the run's own
+    cleanup, instead of running on as an orphan."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
 def _atomic_write(path, text):

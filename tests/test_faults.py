@@ -85,3 +85,46 @@ def test_failed_runs_leave_no_folders(tiny_data, run_dir, bad):
     with pytest.raises(Exception):
         run("EASE", "tiny", config_dict={"data_path": str(tiny_data), "show_progress": False, **bad})
     assert _outputs(run_dir) == []
+
+
+def test_killing_the_leaderboard_ends_its_cell(tmp_path):
+    """SIGKILL of the board (no chance to clean up): its running cell stops by itself and a rerun recovers."""
+    import yaml
+
+    from conftest import write_tiny_dataset
+
+    data = write_tiny_dataset(tmp_path / "data", "tiny")
+    out = tmp_path / "out"
+    path = tmp_path / "board.yaml"
+    slow = {"epochs": 500, "eval_step": 1, "stopping_step": 1000, "state": "ERROR"}
+    path.write_text(yaml.safe_dump({
+        "name": "t", "data_path": str(data), "output_dir": str(out), "datasets": ["tiny"], "seeds": [1],
+        "protocols": ["full"], "models": [{"model": "SASRec", "config": slow}]}))
+    board = subprocess.Popen([sys.executable, "-m", "recbole_weaverec.leaderboard", "--config", str(path), "--quiet"],
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)})
+    deadline = time.time() + 120
+    while time.time() < deadline and not glob.glob(str(out / "cache" / "work" / "*" / "saved" / "*.pth")):
+        assert board.poll() is None, "the board ended early"
+        time.sleep(0.2)
+    pth = glob.glob(str(out / "cache" / "work" / "*" / "saved" / "*.pth"))
+    assert pth, "the cell wrote no checkpoint within 120 s"
+    board.kill()
+    board.wait(timeout=30)
+    deadline = time.time() + 30
+    while time.time() < deadline and os.path.exists(pth[0]):
+        time.sleep(0.2)
+    assert not os.path.exists(pth[0]), "the orphaned cell kept running"
+    def alive():
+        return subprocess.run(["pgrep", "-f", str(out / "cache" / "work")], capture_output=True, text=True).stdout
+
+    while time.time() < deadline and alive().strip():
+        time.sleep(0.2)
+    assert alive().strip() == "", "the orphaned cell is still running"
+    # a rerun recovers: the cell's scratch folder is replaced and the cell computed (fast settings this time)
+    path.write_text(path.read_text().replace("epochs: 500", "epochs: 1"))
+    rerun = subprocess.run([sys.executable, "-m", "recbole_weaverec.leaderboard", "--config", str(path), "--quiet"],
+                           cwd=tmp_path, capture_output=True, text=True,
+                           env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)})
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert len(list((out / "cache" / "cells").glob("*.json"))) == 1
