@@ -140,6 +140,10 @@ class WeaveConfig(Config):
         init_device(self, super()._init_device)
 
     def _set_default_parameters(self):
+        from recbole_weaverec.checks import check_recbole_keys, warn_typos
+
+        check_recbole_keys(self.final_config_dict)  # before RecBole reads them (it fails deep inside, or late)
+        warn_typos(self.external_config_dict, self.internal_config_dict)
         super()._set_default_parameters()
         data_path = self.final_config_dict["data_path"]
         if not os.path.isdir(data_path):

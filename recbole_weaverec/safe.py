@@ -49,6 +49,11 @@ def parse_value(key, text):
         pass
     if stripped.lower() in ("true", "false"):
         return stripped.lower() == "true"
+    if stripped.lower().lstrip("+-.") in ("inf", "infinity", "nan"):  # as YAML's .inf / .nan: a float
+        return float(stripped.lower().replace(".", ""))
+    if stripped.startswith("[") and stripped.endswith("]") and not any(c in stripped[1:-1] for c in "[](){}'\""):
+        # "[amazon-beauty,amazon-sports]", "[title,brand]": a list of words, as in RecBole's YAML lists
+        return [parse_value(key, v.strip()) for v in stripped[1:-1].split(",") if v.strip()]
     try:
         tree = ast.parse(stripped, mode="eval")
     except (SyntaxError, ValueError, MemoryError, RecursionError):

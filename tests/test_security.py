@@ -107,7 +107,8 @@ def test_computed_values_are_one_line_errors(text):
     ("100", 100), ("1e-3", 0.001), ("-2.5", -2.5), ("[1, 2]", [1, 2]), ("True", True), ("true", True),
     ("FALSE", False), ("None", None), ("{'a': 1}", {"a": 1}), ("'x(y)'", "x(y)"),
     ("amazon-toys", "amazon-toys"), ("uni29", "uni29"), ("../shared/data", "../shared/data"),
-    ("data/foo", "data/foo"), ("a.yaml", "a.yaml"), ("[amazon-beauty,amazon-sports]", "[amazon-beauty,amazon-sports]"),
+    ("data/foo", "data/foo"), ("a.yaml", "a.yaml"), ("[amazon-beauty,amazon-sports]", ["amazon-beauty", "amazon-sports"]),
+    ("[title, brand]", ["title", "brand"]), ("[Recall,NDCG]", ["Recall", "NDCG"]), ("[5, x]", [5, "x"]),
     ("sum", "sum"), ("Title: {title}", "Title: {title}"), ("none", "none"),
 ])
 def test_literals_and_words_parse_as_recbole_did(text, value):

@@ -85,13 +85,12 @@ def resolve_llm_path(path, cache_dir=None):
     if _looks_like_path(path) or os.path.exists(expanded):
         raise LLMNotFoundError(f"llm_path folder not found: {expanded} (the embedded default "
                                f"SmolLM2-135M-Instruct is used with llm_path: embedded)")
-    if _offline():
-        from huggingface_hub import try_to_load_from_cache
+    from recbole_weaverec.hub import unavailable_reason
 
-        if not isinstance(try_to_load_from_cache(path, "config.json"), str):
-            raise LLMNotFoundError(
-                f"llm_path {path!r} is not a local folder and not in the Hugging Face cache, and the hub is offline "
-                f"(HF_HUB_OFFLINE); the embedded default SmolLM2-135M-Instruct exists (llm_path: embedded)")
+    why = unavailable_reason(path)  # fails in seconds where transformers would retry for ~50 s
+    if why:
+        raise LLMNotFoundError(f"llm_path {path!r} is not a local folder, and it is {why}; the embedded default "
+                               f"SmolLM2-135M-Instruct exists (llm_path: embedded)")
     return path, path
 
 
