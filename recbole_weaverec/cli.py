@@ -40,6 +40,10 @@ def main(argv=None):
     except (ConfigError, UnknownModelError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only or full disk, a folder where a file should be: name the path
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where} (nothing of this run was kept)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: this run's log, TensorBoard folder and checkpoint were removed", file=sys.stderr)
         return 130

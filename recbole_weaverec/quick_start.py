@@ -171,11 +171,12 @@ def _run(config, saved):
     model = config.model_class(config, train_data._dataset).to(config["device"])
     logger.info(model)
 
-    trainer = get_trainer_class(config, config.model_class)(config, model)
+    boards_before = set(glob.glob("log_tensorboard/*"))
+    try:
+        trainer = get_trainer_class(config, config.model_class)(config, model)
+    finally:  # RecBole's Trainer makes its TensorBoard folder first, then the checkpoint folder (which may fail)
+        config.final_config_dict["_run_outputs"].extend(sorted(set(glob.glob("log_tensorboard/*")) - boards_before))
     config.final_config_dict["_run_outputs"].append(trainer.saved_model_file)
-    writer = getattr(trainer, "tensorboard", None)
-    if hasattr(writer, "get_logdir"):  # named after the log file, or 'null'/'model-<time>' without one
-        config.final_config_dict["_run_outputs"].append(writer.get_logdir())
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"])
     before_test = getattr(model, "before_test", None)

@@ -128,3 +128,37 @@ def test_killing_the_leaderboard_ends_its_cell(tmp_path):
                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)})
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert len(list((out / "cache" / "cells").glob("*.json"))) == 1
+
+
+def test_checkpoint_dir_that_cannot_be_made_one_line(tiny_data, run_dir, capfd):
+    """checkpoint_dir below a file (as unwritable as a read-only folder, also for root): one line, nothing kept."""
+    from recbole_weaverec.cli import main
+
+    (run_dir / "afile").write_text("x")
+    rc = main(["--model=SASRec", "--dataset=tiny", f"--data_path={tiny_data}", "--state=ERROR", "--epochs=1",
+               f"--checkpoint_dir={run_dir / 'afile' / 'ckpt'}"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith("error: ") and "afile" in err[-1], err
+    assert [p for p in _outputs(run_dir)] == []
+
+
+def test_unwritable_checkpoint_file_one_line(tiny_data, run_dir, capfd, monkeypatch):
+    """A full disk (ENOSPC) while saving the checkpoint: one line, and the run's log and folders are removed."""
+    import errno
+
+    import torch
+
+    from recbole_weaverec.cli import main
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if str(f).endswith(".pth"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    rc = main(["--model=SASRec", "--dataset=tiny", f"--data_path={tiny_data}", "--state=ERROR", "--epochs=1"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith("error: No space left on device: ") and ".pth" in err[-1], err
+    assert _outputs(run_dir) == []
