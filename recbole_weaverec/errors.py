@@ -8,3 +8,8 @@ class ConfigError(ValueError):
 
 class DataFileError(ConfigError):
     """A broken atomic data file: the message names the file (and line) and what is wrong."""
+
+
+class CacheFileError(ConfigError):
+    """A saved or cached file (a domain model, an adapter) that is unreadable and cannot be rebuilt in this run:
+    the message names the file, what is wrong and how to get a good one."""

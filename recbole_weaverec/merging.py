@@ -56,14 +56,126 @@ class AdapterNotFoundError(FileNotFoundError):
     """An adapter folder without adapter_config.json or adapter weights."""
 
 
+class AdapterFileError(MergeError):
+    """An adapter folder whose files are unreadable or disagree: malformed JSON, truncated or overwritten weights,
+    a rank in adapter_config.json that its weights do not have."""
+
+
 # --------------------------------------------------------------------------------------------- reading adapters
+def _read_json(path):
+    """A JSON object from ``path``; a file that is not one is named with the line and column of the fault."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); save the "
+                               f"adapter again or fix the file") from None
+    except UnicodeDecodeError:
+        raise AdapterFileError(f"{path} is not UTF-8 text (a JSON file was expected)") from None
+    if not isinstance(value, dict):
+        raise AdapterFileError(f"{path} holds a JSON {type(value).__name__}, expected an object {{...}}")
+    return value
+
+
 def _read_adapter_config(folder):
     folder = Path(folder)
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
         raise AdapterNotFoundError(f"no peft adapter at {folder}: {ADAPTER_CONFIG} not found")
-    with open(path) as f:
-        return json.load(f)
+    return _read_json(path)
+
+
+def _weights_file(folder):
+    for fname in ADAPTER_WEIGHTS:
+        if (folder / fname).is_file():
+            return folder / fname
+    found = sorted(p.name for p in folder.iterdir())
+    raise AdapterNotFoundError(f"no adapter weights in {folder}: expected {' or '.join(ADAPTER_WEIGHTS)} next to "
+                               f"{ADAPTER_CONFIG} (the folder holds {', '.join(found) or 'nothing'})")
+
+
+def _read_weights(path, shapes_only=False):
+    """{name: tensor} (or {name: shape}) of an adapter weights file; one line when it cannot be read."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            if shapes_only:  # the header alone: a cut or overwritten file already fails here
+                with safe_open(str(path), "pt") as f:
+                    return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never a full unpickle
+        if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+            raise ValueError("not a dict of tensors")
+        return {k: tuple(v.shape) for k, v in state.items()} if shapes_only else state
+    except Exception as e:  # noqa: BLE001 - whatever the loader raises, the file is unreadable
+        # torch's weights_only message suggests weights_only=False, which must never be the answer to a bad file
+        reason = "not a file of tensors" if type(e).__name__ == "UnpicklingError" else \
+            (str(e).strip().splitlines() or [""])[0][:200]
+        raise AdapterFileError(f"adapter weights {path} are unreadable ({type(e).__name__}: {reason}): the file is "
+                               f"truncated or overwritten; train the adapter again or copy it again") from None
+
+
+def _expected_rank(label, config, module):
+    """The rank adapter_config.json gives ``module`` (rank_pattern, else r), or None when it gives none."""
+    pattern = config.get("rank_pattern") or {}
+    key = get_pattern_key(pattern.keys(), module) if pattern else None
+    r = pattern[key] if key in pattern else config.get("r")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+        raise AdapterFileError(f"{label}: {ADAPTER_CONFIG} gives {module!r} rank {r!r}: expected a positive integer")
+    return r
+
+
+def _check_rank(label, config, module, kind, shape):
+    """A LoRA A/B matrix of ``shape`` has the rank its config gives (peft would fail on a mismatch with a
+    traceback, and the ΔW scale alpha/r depends on it)."""
+    if len(shape) != 2 or kind not in _LORA_PARTS:
+        return
+    rank = shape[0] if kind in ("lora_A", "lora_embedding_A") else shape[1]
+    expected = _expected_rank(label, config, module)
+    if expected is not None and rank != expected:
+        raise AdapterFileError(f"{label}: {ADAPTER_CONFIG} gives {module!r} rank {expected} but its {kind} "
+                               f"weights have rank {rank} (shape {tuple(shape)}): the config and the weights are "
+                               f"from different adapters")
+
+
+def check_adapter_folder(folder, label=None):
+    """Check a saved peft adapter folder before anything reads it -> (config dict, weights file).
+
+    One-line errors: a missing folder, adapter_config.json or weights file (AdapterNotFoundError; peft's
+    ``from_pretrained`` would instead look the path up as a hub name), a JSON file of the folder that is not a
+    JSON object, weights that cannot be read (truncated, overwritten), a rank in the config that the weights do
+    not have (AdapterFileError). Reads only the safetensors header, so it is cheap enough for validate_config.
+    """
+    folder = Path(os.path.expanduser(str(folder)))
+    if not folder.is_dir():
+        raise AdapterNotFoundError(f"{label + ': ' if label else ''}no peft adapter at {folder}: folder not found "
+                                   f"(expected a folder with {ADAPTER_CONFIG} and adapter weights)")
+    label = label or str(folder)
+    config = _read_adapter_config(folder)
+    for other in sorted(folder.glob("*.json")):  # e.g. recbole_weaverec.json, what the adapter was trained on
+        if other.name != ADAPTER_CONFIG:
+            _read_json(other)
+    weights = _weights_file(folder)
+    for key, shape in _read_weights(weights, shapes_only=True).items():
+        parsed = _parse_lora_key(key)
+        if parsed is not None:
+            _check_rank(label, config, parsed[0], parsed[1], shape)
+    return config, weights
+
+
+def check_adapter_paths(paths, allowed, owner="this model"):
+    """``adapter_paths`` {key: folder}: every key names an adapter ``owner`` reads (``allowed``; another key would
+    be ignored silently and a new adapter trained) and every folder passes ``check_adapter_folder``."""
+    import difflib
+
+    allowed = list(allowed)
+    for key, folder in (paths or {}).items():
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            raise MergeError(f"adapter_paths key {key!r} matches no adapter of {owner}, which reads "
+                             f"{', '.join(map(repr, allowed))}" + (f": did you mean {close[0]!r}?" if close else ""))
+        check_adapter_folder(folder, label=f"adapter_paths[{key!r}]")
 
 
 def _load_adapter(adapter, adapter_name):
@@ -71,20 +183,8 @@ def _load_adapter(adapter, adapter_name):
     from peft import PeftModel, get_peft_model_state_dict
 
     if isinstance(adapter, (str, os.PathLike)):
-        folder = Path(adapter)
-        config = _read_adapter_config(folder)
-        for fname in ADAPTER_WEIGHTS:
-            if (folder / fname).is_file():
-                break
-        else:
-            raise AdapterNotFoundError(f"no adapter weights in {folder}: expected one of {', '.join(ADAPTER_WEIGHTS)}")
-        if fname.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(str(folder / fname))
-        else:
-            state = torch.load(folder / fname, map_location="cpu", weights_only=True)
-        return state, config, str(folder)
+        config, weights = check_adapter_folder(adapter)
+        return _read_weights(weights), config, str(adapter)
     if isinstance(adapter, PeftModel):
         name = adapter_name or adapter.active_adapter
         if name not in adapter.peft_config:
@@ -172,6 +272,8 @@ def lora_deltas(adapter, base_model=None, adapter_name=None):
         if a.dim() != 2 or b.dim() != 2:
             raise UnsupportedAdapterError(f"{label}: module {module!r} is not a Linear/Embedding LoRA (conv LoRA)")
         r = a.shape[0]
+        _check_rank(label, config, module, "lora_A", tuple(a.shape))
+        _check_rank(label, config, module, "lora_B", tuple(b.shape))
         alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), lora_alpha)
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         delta = (b.float() @ a.float()) * scale

@@ -12,6 +12,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_trainer, init_seed, set_color
 
 from recbole_weaverec.config import ConfigError, WeaveConfig
+from recbole_weaverec.data.checks import check_dataset_files
 
 FULL_SORT_USERS_PER_BATCH = 256
 DEFAULT_MODEL = "WeaveRec"  # the README's main job: WeaveRec on toys-sample with beauty-sample as source
@@ -95,6 +96,7 @@ class SharedCandidateSampler:
 def prepare(config):
     """Seeded dataset + RecBole's split and dataloaders (uniform evaluation candidates shared by all models)."""
     init_seed(config["seed"], config["reproducibility"])
+    check_dataset_files(config)  # a broken atomic file: one line naming file and line, before RecBole reads it
     dataset = create_dataset(config)
     _size_eval_batch(config, dataset)
     _sample_eval_users(config, dataset)

@@ -8,6 +8,7 @@ in ``cache_dir`` as safetensors, so a second run never re-encodes.
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -156,19 +157,57 @@ def encode_texts(texts, encoder_path=None, batch_size=64, max_length=64, device=
     if cache_dir is not False:
         path = cache_file(texts, encoder_path, max_length, normalize, cache_dir or default_cache_dir(), cache_key)
         if path.is_file():
-            from safetensors.torch import load_file
-
-            return load_file(str(path))["embeddings"]
+            emb = read_cached(path, len(texts))
+            if emb is not None:
+                return emb
     tokenizer, model = load_encoder(encoder_path, device)
     emb = _encode(texts, tokenizer, model, batch_size, max_length, device, normalize, progress)
     del model
     if path is not None:
-        from safetensors.torch import save_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"embeddings": emb.contiguous()}, str(tmp),
-                  metadata={"encoder": str(encoder_path), "max_length": str(max_length),
-                            "normalize": str(bool(normalize)), "n": str(len(texts))})
-        os.replace(tmp, path)  # atomic: a concurrent or interrupted run never sees half a file
+        write_cached(path, emb, {"encoder": str(encoder_path), "max_length": str(max_length),
+                                 "normalize": str(bool(normalize)), "n": str(len(texts))})
     return emb
+
+
+def read_cached(path, n):
+    """The cached [n, d] embeddings of ``path``, or None (with a one-line warning) when the file is unreadable
+    or not what this cache writes: truncated, overwritten, another shape. The caller then rebuilds it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        emb = load_file(str(path)).get("embeddings")
+        if emb is None:
+            problem = "it holds no 'embeddings' tensor"
+        elif emb.dim() != 2 or emb.shape[0] != n or emb.dtype != torch.float32:
+            problem = f"it holds {emb.dtype} {tuple(emb.shape)}, expected float32 ({n}, d)"
+        elif not torch.isfinite(emb).all():
+            problem = "it holds non-finite values"
+        else:
+            return emb
+    except (SafetensorError, OSError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    logging.getLogger().warning(f"text embedding cache {path} is corrupt ({problem}): encoding the texts again "
+                                f"and overwriting it")
+    return None
+
+
+def write_cached(path, emb, metadata):
+    """Write atomically (a temp file in the same folder, then os.replace): a concurrent or interrupted run never
+    sees half a file. A cache that cannot be written (read-only or full disk) costs a warning, not the run."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"embeddings": emb.contiguous()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        reason = getattr(e, "strerror", None) or e
+        logging.getLogger().warning(f"text embedding cache {path} not written ({reason}); the embeddings are used "
+                                    f"without caching")
+    finally:
+        if tmp.exists():
+            tmp.unlink()

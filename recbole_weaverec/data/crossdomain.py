@@ -58,6 +58,9 @@ def load_domain(config, name, **overrides):
     """(config, dataset, (train, valid, test) split datasets) of domain ``name``, built by RecBole as usual."""
     from recbole.data import create_dataset
 
+    from recbole_weaverec.data.checks import check_dataset_files
+
     dconfig = domain_config(config, name, **overrides)
+    check_dataset_files(dconfig)  # a broken source domain is named (file, line) before RecBole reads it
     dataset = create_dataset(dconfig)
     return dconfig, dataset, dataset.build()

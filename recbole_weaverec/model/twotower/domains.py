@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from recbole_weaverec.config import ConfigError, WeaveConfig
+from recbole_weaverec.errors import CacheFileError
 from recbole_weaverec.data.crossdomain import domain_config, raw_data_path
 
 # TextSeqRec settings that change what fine-tuning produces (the cache key); display/eval-only keys are left out
@@ -102,18 +103,34 @@ def save_domain_model(path, state, meta):
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # atomic: an interrupted run never leaves half a model to be reused
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)  # atomic: an interrupted run never leaves half a model to be reused
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def load_domain_model(path):
-    from safetensors import safe_open
+    """(state dict, meta) of a saved domain model; CacheFileError (one line) when it is unreadable or incomplete
+    (truncated, overwritten, no encoder metadata, non-finite weights)."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata() or {})
-    return load_file(str(path)), meta
+    try:
+        with safe_open(str(path), "pt") as f:  # reads and checks the header only: a cut file fails here
+            meta = dict(f.metadata() or {})
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CacheFileError(f"domain model {path} is unreadable ({type(e).__name__}: {e})") from None
+    missing = [k for k in ("domain", *COMPARED) if k not in meta]
+    if missing:
+        raise CacheFileError(f"domain model {path} lacks the metadata {', '.join(missing)} (not written by MergeRec)")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if not state or bad:
+        raise CacheFileError(f"domain model {path} holds " + (f"non-finite values in {bad!r}" if bad else "no tensors"))
+    return state, meta
 
 
 def finetuned_path(config, dconfig, encoder_path):
@@ -183,8 +200,9 @@ def domain_models(config, tconfig, domains, show_progress=False):
     for name in domains:
         dconfig = domain_text_config(tconfig, name)
         path, writable = finetuned_path(config, dconfig, encoder_path)
-        if path.is_file():
-            state, meta = load_domain_model(path)
+        saved = _reuse(path, name, writable, config["merge_finetune"]) if path.is_file() else None
+        if saved is not None:
+            state, meta = saved
             logger.info(f"MergeRec: domain {name}: reusing fine-tuned model {path}")
         else:
             if not config["merge_finetune"]:
@@ -200,3 +218,19 @@ def domain_models(config, tconfig, domains, show_progress=False):
             del model
         out[name] = (state, meta)
     return out
+
+
+def _reuse(path, name, writable, finetune):
+    """A saved domain model, or None (warned: it is fine-tuned again and overwritten) when it is corrupt and this
+    run may rebuild it; a corrupt file that must not be rebuilt is refused in one line."""
+    try:
+        return load_domain_model(path)
+    except CacheFileError as e:
+        if not writable:
+            raise CacheFileError(f"{e}: it is merge_finetuned[{name!r}]; replace it with a good model, or remove that "
+                                 f"entry to fine-tune the domain again") from None
+        if not finetune:
+            raise CacheFileError(f"{e}: merge_finetune is false, so it is not rebuilt; set merge_finetune: true "
+                                 f"or replace the file") from None
+        getLogger().warning(f"MergeRec: domain {name}: {e}: fine-tuning it again and overwriting it")
+        return None
