@@ -41,11 +41,6 @@ def default_cache_dir():
     return DEFAULT_CACHE_DIR / "text_embeddings"
 
 
-def _offline():
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 def _looks_like_path(path):
     """Hub names are "name" or "org/name"; anything else (absolute, ./, ~, deeper) is meant as a folder."""
     return path.startswith(("/", ".", "~")) or os.sep != "/" and os.sep in path or path.count("/") > 1
@@ -70,15 +65,13 @@ def resolve_encoder_path(path):
     if _looks_like_path(path) or os.path.exists(expanded):
         raise EncoderNotFoundError(f"text encoder folder not found: {expanded} (the embedded default "
                                    f"all-MiniLM-L6-v2 is used with text_encoder_path: embedded)")
-    if _offline():
-        from huggingface_hub import try_to_load_from_cache
+    from recbole_weaverec.hub import unavailable_reason
 
-        cached = try_to_load_from_cache(path, "config.json")
-        if not isinstance(cached, str):
-            raise EncoderNotFoundError(
-                f"text encoder {path!r} is not a local folder and not in the Hugging Face cache, and the hub is "
-                f"offline (HF_HUB_OFFLINE); the embedded default all-MiniLM-L6-v2 exists at "
-                f"{default_encoder_path()} (text_encoder_path: embedded)")
+    why = unavailable_reason(path)  # fails in seconds where transformers would retry for ~50 s
+    if why:
+        raise EncoderNotFoundError(
+            f"text encoder {path!r} is not a local folder, and it is {why}; the embedded default "
+            f"all-MiniLM-L6-v2 exists at {default_encoder_path()} (text_encoder_path: embedded)")
     return path
 
 

@@ -33,11 +33,6 @@ def embedded_gguf():
     return path
 
 
-def _offline():
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 def _looks_like_path(path):
     return path.startswith(("/", ".", "~")) or path.count("/") > 1
 
