@@ -9,9 +9,10 @@ setup(
     install_requires=[
         "recbole==1.2.1",
         "torch>=2.6",           # install the CPU wheel first: pip install torch==2.13.0
-        "numpy>=1.26",
+        "numpy>=1.26",          # lowest tested: numpy 1.26.4, scipy 1.11.4, pandas 2.2 (.ci/lowest.sh)
         "pandas>=2.2,<3",       # RecBole 1.2.1's token_seq remapping breaks on pandas 3
-        "scipy",
+        "scipy>=1.11",
+        "setuptools<81",        # recbole.quick_start imports ray 2.6, which imports pkg_resources (gone in 81)
         "pyyaml",
         "tqdm",
         "transformers>=4.56",

@@ -13,10 +13,13 @@ What it does, and why:
   allow-listed with ``torch.serialization.add_safe_globals``. Loading a checkpoint never imports or runs model code.
 - Loading a checkpoint written for another model raises a one-line error naming both models (RecBole only warns,
   then fails deep inside ``load_state_dict``).
-- ``recbole.quick_start`` imports ray (which needs ``pkg_resources``, i.e. setuptools<81); this package never imports
-  it, so ray is not needed at all.
+- RecBole's ``load_data_and_model`` cannot read those plain-dict checkpoints: when ``recbole.quick_start`` is imported,
+  its ``load_data_and_model`` is replaced by ``recbole_weaverec.reload.load_data_and_model`` (an import hook, so that
+  importing this package never imports ``recbole.quick_start``, which imports ray, which needs ``pkg_resources`` from
+  setuptools<81, pinned in setup.py for RecBole users' own scripts).
 """
 import os
+import sys
 import warnings
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -58,14 +61,14 @@ class CheckpointMismatchError(ValueError):
     pass
 
 
-def _plain(value):
+def plain_value(value):
     """Config value -> something torch's safe loader accepts (str / number / bool / None / list / dict)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple, set)):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_value(v) for k, v in value.items()}
     if isinstance(value, np.generic):
         return value.item()
     return str(value)
@@ -76,10 +79,12 @@ def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         return
     saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
     state = {
-        "config": _plain(self.config.final_config_dict),
+        "config": plain_value(self.config.final_config_dict),
+        # which class: our EASE shadows RecBole's EASE (reload.py rebuilds RecBole's as `recbole:EASE`)
+        "model_class": f"{type(self.model).__module__}:{type(self.model).__name__}",
         "epoch": epoch,
         "cur_step": self.cur_step,
-        "best_valid_score": _plain(self.best_valid_score),
+        "best_valid_score": plain_value(self.best_valid_score),
         "state_dict": self.model.state_dict(),
         "other_parameter": self.model.other_parameter(),
         "optimizer": self.optimizer.state_dict(),
@@ -99,12 +104,23 @@ def check_checkpoint_model(checkpoint_file, model_name):
             f"checkpoint {checkpoint_file} was saved by model {saved!r}, not {model_name!r}")
 
 
+def _numpy_safe_globals():
+    """numpy's pickle helpers under the names of both numpy 1.x (``numpy.core``) and 2.x (``numpy._core``), so a
+    checkpoint written under either loads under both."""
+    numpy2 = int(np.__version__.split(".")[0]) >= 2
+    multiarray = np._core.multiarray if numpy2 else np.core.multiarray
+    out = [multiarray._reconstruct, multiarray.scalar]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
+    return out
+
+
 def _patch_recbole_trainers():
     import scipy.sparse as sp
     from recbole.trainer import trainer as trainer_module
 
     torch.serialization.add_safe_globals([
-        np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype, np.matrix,
+        *_numpy_safe_globals(), np.ndarray, np.dtype, np.matrix,
         *{type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")},
         sp.csr_matrix, sp.csc_matrix, sp.coo_matrix,
     ])
@@ -127,6 +143,56 @@ def _patch_recbole_trainers():
 
 
 _patch_recbole_trainers()
+
+
+class _PatchAfterExec:
+    """Loader wrapper: runs the real loader, then patches the module (everything else goes to the real loader)."""
+
+    def __init__(self, loader, patch):
+        self._loader, self._patch = loader, patch
+
+    def __getattr__(self, name):
+        if name == "_loader":  # not set yet (e.g. while being copied): no recursion
+            raise AttributeError(name)
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._patch(module)
+
+
+class _QuickStartHook:
+    """Meta-path finder that patches ``recbole.quick_start`` when (and only if) someone imports it."""
+
+    name = "recbole.quick_start"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _PatchAfterExec(spec.loader, _patch_quick_start)
+        return spec
+
+
+def _patch_quick_start(package):
+    from recbole_weaverec.reload import load_data_and_model
+
+    package.load_data_and_model = load_data_and_model  # `from recbole.quick_start import load_data_and_model`
+    package.quick_start.load_data_and_model = load_data_and_model
+
+
+# ray 2.6 (imported by recbole.quick_start) imports pkg_resources, which setuptools 80 marks deprecated
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+if _QuickStartHook.name in sys.modules:  # imported before this package
+    _patch_quick_start(sys.modules[_QuickStartHook.name])
+elif not any(isinstance(f, _QuickStartHook) for f in sys.meta_path):
+    sys.meta_path.insert(0, _QuickStartHook())
 
 # multi-process runs (RecBole's nproc/world_size keys): DDP on CPU, exact gathered evaluation, rank-0-only output
 from recbole_weaverec.distributed import patch_recbole_trainers  # noqa: E402

@@ -156,7 +156,8 @@ def world(tmp_path_factory, encoder):
 @pytest.fixture
 def merge(world, encoder, tmp_path, monkeypatch):
     """domain_models(...) of a MergeRec config over ta, tb, with fine-tuning replaced by a recorded stand-in."""
-    from recbole_weaverec.quick_start import build_config
+    from recbole_weaverec.model.twotower import mergerec  # noqa: F401  (imported before the patches below, so
+    from recbole_weaverec.quick_start import build_config  # its from-imports keep the real functions)
 
     tuned = []
 
