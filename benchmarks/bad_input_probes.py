@@ -67,8 +67,8 @@ def plant(path, marker):
 # ------------------------------------------------------------------------------------------------ the probes
 # Each probe: (name, expect, function(work, data, marker) -> (command, optional signal plan)).
 # expect: "error" (one error line, exit != 0), "ok" (exit 0), "stopped" (a signal: exit 130/143, one last line).
-def _cli(data, *args, model="EASE"):
-    return [*CLI, f"--model={model}", "--dataset=tiny", f"--data_path={data}", "--state=ERROR", *args]
+def _cli(data, *args, model="EASE", state="ERROR"):
+    return [*CLI, f"--model={model}", "--dataset=tiny", f"--data_path={data}", f"--state={state}", *args]
 
 
 def probes():
@@ -118,6 +118,32 @@ def probes():
     add("--text_fields=[title,brand] (L3AE)", "ok", lambda w, d, m: _cli(d, "--text_fields=[title,brand]",
                                                                         model="L3AE"))
     add("unreachable hub llm_path", "error", lambda w, d, m: _cli(d, "--llm_path=someorg/none", model="LLMRec"))
+    # broken data files (each replaces tiny.inter, or tiny.item)
+    inter_h = "user_id:token\titem_id:token\ttimestamp:float\n"
+    for name, file, text in (
+            ("empty .inter", "inter", ""), ("header-only .inter", "inter", inter_h),
+            ("header without :type", "inter", "user_id\titem_id:token\ttimestamp:float\nu1\ti1\t1\n"),
+            ("unknown field type", "inter", "user_id:token\titem_id:token\ttimestamp:date\nu1\ti1\t1\n"),
+            ("wrong header (no item_id)", "inter", "user_id:token\tproduct:token\ttimestamp:float\nu1\ti1\t1\n"),
+            ("non-numeric float", "inter", inter_h + "u1\ti1\t1\nu1\ti2\tnoon\n"),
+            ("too many fields", "inter", inter_h + "u1\ti1\t1\nu1\ti2\t2\textra\n"),
+            ("comma-separated file", "inter", "user_id:token,item_id:token,timestamp:float\nu1,i1,1\n"),
+            ("item file without item_id", "item", "title:token_seq\nWidget\n")):
+        add(f"data: {name}", "error", lambda w, d, m, file=file, text=text: (
+            (d / "tiny" / f"tiny.{file}").write_text(text, encoding="utf-8"), _cli(d))[1])
+    add("data: non-UTF-8 bytes", "error", lambda w, d, m: (
+        (d / "tiny" / "tiny.inter").write_bytes(inter_h.encode() + b"u1\ti\xff\xfe1\t1\n"), _cli(d))[1])
+    add("data: duplicate interactions (warned, runs)", "ok", lambda w, d, m: (
+        _append(d / "tiny" / "tiny.inter", "u0\ti1\t1\nu0\ti1\t1\n"), _cli(d))[1])
+    add("data: duplicate item ids (warned, runs)", "ok", lambda w, d, m: (
+        _append(d / "tiny" / "tiny.item", "i1\tAnother widget\tBrand1\tToys\n"), _cli(d))[1])
+    # corrupt caches: the second run must warn, rebuild and succeed
+    add("corrupt L3AE embedding cache", "ok-second", lambda w, d, m: (
+        _cli(d, f"--text_cache_dir={w / 'emb'}", model="L3AE", state="WARNING"), ("corrupt", str(w / "emb" / "*.safetensors"))))
+    add("corrupt leaderboard cell cache", "ok-second", lambda w, d, m: (
+        (_board(w, d, "EASE"),
+         [sys.executable, "-m", "recbole_weaverec.leaderboard", "--config", str(w / "board.yaml"), "--quiet"])[1],
+        ("corrupt", str(w / "out" / "cache" / "cells" / "*.json"))))
     # faults
     add("checkpoint_dir below a file", "error", lambda w, d, m: ((w / "f").write_text("x"), _cli(
         d, "--epochs=1", f"--checkpoint_dir={w / 'f' / 'c'}", model="SASRec"))[1])
@@ -129,6 +155,11 @@ def probes():
     add("SIGKILL, then a rerun", "ok-after-kill",
         lambda w, d, m: (_cli(d, *slow, model="SASRec"), ("after-checkpoint", signal.SIGKILL)))
     return out
+
+
+def _append(path, text):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _board(work, data, model):
@@ -155,9 +186,15 @@ def run_probe(name, expect, build, root):
     built = build(work, data, marker)
     cmd, plan = built if isinstance(built, tuple) and isinstance(built[1], tuple) else (built, None)
     start = time.time()
-    if plan is None:
+    if plan is None or plan[0] == "corrupt":
         proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=ENV, timeout=600)
         rc, err = proc.returncode, proc.stderr
+        if plan is not None and rc == 0:  # corrupt what the first run cached, then run again
+            for path in glob.glob(plan[1]):
+                Path(path).write_bytes(Path(path).read_bytes()[: os.path.getsize(path) // 2])
+            proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=ENV, timeout=600)
+            rc, err = proc.returncode, proc.stderr
+            expect = "ok" if "rebuilt" in err or "again" in err or "re-encod" in err else "warned"
     else:
         proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
         deadline = time.time() + 120
@@ -172,7 +209,7 @@ def run_probe(name, expect, build, root):
     seconds = time.time() - start
     lines = [line for line in err.strip().splitlines() if line.strip()]
     left = leftovers(work)
-    if expect in ("ok", "ok-after-kill"):
+    if expect in ("ok", "ok-after-kill", "ok-second", "warned"):
         left = [p for p in left if "SASRec" in p] if expect == "ok-after-kill" else []
     if expect == "board-failed-cell":
         import csv
@@ -187,7 +224,7 @@ def run_probe(name, expect, build, root):
     elif expect == "stopped":
         promised = rc in (130, 143) and bool(lines) and lines[-1].startswith(("terminated", "interrupted"))
     else:
-        promised = rc == 0
+        promised = rc == 0 and expect != "warned"  # a corrupt cache must be named (warned about) when rebuilt
     if marker.exists():
         verdict = "ran code"
     elif left:

@@ -493,8 +493,18 @@ class Leaderboard:
 
     def cached(self, cell):
         path = self.cache / "cells" / f"{cell['hash']}.json"
-        if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))
+        if not path.is_file():
+            return None
+        try:
+            row = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(row, dict) and row.get("status") in ("ok", "failed") and isinstance(row.get("metrics"), dict):
+                return row
+            problem = "not a result row"
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        # a cache must not fail every run until deleted by hand: say which file, and compute the cell again
+        print(f"warning: cached cell {path} is corrupt ({problem}); it is computed again", file=sys.stderr)
+        path.unlink(missing_ok=True)
         return None
 
     def select(self, only=None):

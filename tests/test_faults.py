@@ -162,3 +162,23 @@ def test_unwritable_checkpoint_file_one_line(tiny_data, run_dir, capfd, monkeypa
     err = capfd.readouterr().err.strip().splitlines()
     assert rc == 1 and err[-1].startswith("error: No space left on device: ") and ".pth" in err[-1], err
     assert _outputs(run_dir) == []
+
+
+def test_corrupt_leaderboard_cell_is_named_and_recomputed(tiny_data, tmp_path, capsys):
+    import json
+
+    from recbole_weaverec.leaderboard import Leaderboard, validate_config
+
+    board = Leaderboard(validate_config({"data_path": str(tiny_data), "output_dir": str(tmp_path / "out"),
+                                         "datasets": ["tiny"], "seeds": [1], "protocols": ["full"],
+                                         "models": ["EASE"]}),
+                        runner=lambda cell: {"status": "ok", "error": "", "metrics": {"ndcg@10": 0.5}, "wall_s": 0.1,
+                                             "history": "train", "model_type": "TRADITIONAL", "valid_score": 0.5})
+    (cell,) = board.cells
+    path = board.cache / "cells" / f"{cell['hash']}.json"
+    path.parent.mkdir(parents=True)
+    for junk in ('{"status": "ok", "metr', "[1, 2]", "\xff\xfe"):
+        path.write_text(junk, encoding="latin-1")
+        assert board.cached(cell) is None
+        assert str(path) in capsys.readouterr().err
+        assert board.run() == 0 and json.loads(path.read_text())["status"] == "ok"
