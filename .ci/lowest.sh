@@ -27,7 +27,7 @@ import recbole_weaverec  # noqa: F401
 from recbole.quick_start import load_data_and_model, run_recbole  # noqa: F401  (ray: setuptools<81)
 print(f"lowest: numpy {numpy.__version__}, scipy {scipy.__version__}, pandas {pandas.__version__}, "
       f"torch {torch.__version__}")
-from recbole_weaverec.reload import load_data_and_model as ours
+from recbole_weaverec.quick_start import load_data_and_model as ours
 assert load_data_and_model is ours  # RecBole's function reads this package's checkpoints
 assert numpy.__version__ == "1.26.4" and scipy.__version__ == "1.11.4" and pandas.__version__.startswith("2.2.")
 import numpy as np

@@ -105,11 +105,18 @@ def probes():
     for arg in ("--eval_mode=uni0", "--eval_mode=foo", "--eval_args={'mode':'uni0'}", "--eval_args=[1]",
                 "--eval_args={'split':{'RS':[0.8,0.1]}}", "--eval_args={'order':'XX'}", "--topk=0",
                 "--topk=[5,abc]", "--metrics=[NoSuch]", "--metrics=[Recall,AUC]", "--metrics=Recall",
-                "--valid_metric=NDCG@7", "--valid_metric=Foo@10", "--seed=abc", "--seed=1.5", "--state=LOUD",
+                "--valid_metric=NDCG@7", "--valid_metric=Foo@10", "--seed=abc", "--seed=1.5",
                 "--reg_weight=inf", "--reg_weight=nan", "--reg_weight=-1", "--reg_weight=abc", "--reg_weight=1/0",
-                "--reg_weight=().x", "reg_weight=3", "--model=NoSuchModel", "--dataset=nosuch",
-                "--data_path=/nonexistent", "--config_files=/nonexistent.yaml"):
+                "--reg_weight=().x", "reg_weight=3", "--config_files=/nonexistent.yaml"):
         add(arg, "error", lambda w, d, m, arg=arg: _cli(d, arg))
+    # the keys _cli sets itself, given once with a bad value
+    add("--state=LOUD", "error", lambda w, d, m: _cli(d, state="LOUD"))
+    add("--model=NoSuchModel", "error", lambda w, d, m: _cli(d, model="NoSuchModel"))
+    add("--dataset=nosuch", "error", lambda w, d, m: [*CLI, "--model=EASE", "--dataset=nosuch", f"--data_path={d}"])
+    add("--data_path=/nonexistent", "error", lambda w, d, m: [*CLI, "--model=EASE", "--dataset=tiny",
+                                                             "--data_path=/nonexistent"])
+    add("--reg_weight given twice, different values", "error", lambda w, d, m: _cli(d, "--reg_weight=1",
+                                                                                    "--reg_weight=2"))
     add("non-mapping YAML", "error", lambda w, d, m: ((w / "c.yaml").write_text("- a\n- b\n"),
                                                       _cli(d, "--config_files", str(w / "c.yaml")))[1])
     add("malformed YAML", "error", lambda w, d, m: ((w / "e.yaml").write_text("a: [1, 2\n"),
@@ -201,8 +208,13 @@ def run_probe(name, expect, build, root):
         while time.time() < deadline and not glob.glob(str(work / "saved" / "*.pth")) and proc.poll() is None:
             time.sleep(0.2)
         proc.send_signal(plan[1])
-        _, err = proc.communicate(timeout=120)
-        rc = proc.returncode
+        try:
+            _, err = proc.communicate(timeout=120)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:  # did not stop: a verdict, not a crash of the suite
+            proc.kill()
+            _, err = proc.communicate()
+            rc, err = "did not stop within 120 s", err + "\n(did not stop within 120 s of the signal)"
         if expect == "ok-after-kill":  # the next run in the folder must clean up the dead one's files
             rerun = subprocess.run(_cli(data), cwd=work, capture_output=True, text=True, env=ENV, timeout=600)
             rc, err = rerun.returncode, rerun.stderr

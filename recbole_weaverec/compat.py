@@ -1,4 +1,6 @@
-"""The one place that makes RecBole 1.2.1 run on today's numpy / torch. Imported before RecBole.
+"""The one place that makes RecBole 1.2.1 run on today's numpy / scipy / torch. Imported before RecBole; imports
+nothing of this package. (Changes to RecBole's own code are in ``patches``, Trainer and quick_start, and ``safe``,
+Config and data loading.)
 
 What it does, and why:
 - ``OMP_WAIT_POLICY=PASSIVE`` (if unset) before torch starts its thread pool: on small CPU machines the default
@@ -6,25 +8,23 @@ What it does, and why:
 - numpy 2 removed ``np.float_``, ``np.complex_``, ``np.unicode_`` (RecBole's ``Config.compatibility_settings`` reads
   them to restore ``np.float`` & co., which RecBole's metrics and dataset code still use) and ``np.bool8`` (ray).
   We add them back as aliases of the numpy 2 names; nothing else in numpy changes.
+- scipy >= 1.12 removed ``dok_matrix._update``, which RecBole's graph models call; it is added back.
 - torch >= 2.6 loads checkpoints with ``weights_only=True``. RecBole's trainer pickles its whole ``Config`` (classes,
-  a YAML loader, enums) with pickle protocol 4 into every checkpoint, so reloading the best model fails. We keep safe
-  loading on: checkpoints are written with the config as a plain dict of str/number/list values (protocol 2), and the
-  few data types that RecBole models keep in ``other_parameter`` (numpy arrays, scipy sparse matrices) are
-  allow-listed with ``torch.serialization.add_safe_globals``. Loading a checkpoint never imports or runs model code.
-- Loading a checkpoint written for another model raises a one-line error naming both models (RecBole only warns,
-  then fails deep inside ``load_state_dict``).
-- RecBole's ``load_data_and_model`` cannot read those plain-dict checkpoints: when ``recbole.quick_start`` is imported,
-  its ``load_data_and_model`` is replaced by ``recbole_weaverec.reload.load_data_and_model`` (an import hook, so that
-  importing this package never imports ``recbole.quick_start``, which imports ray, which needs ``pkg_resources`` from
-  setuptools<81, pinned in setup.py for RecBole users' own scripts).
+  a YAML loader, enums) into every checkpoint, so reloading the best model fails. We keep safe loading on: the
+  checkpoints ``patches`` writes hold the config as a plain dict (``plain_value``), and the few data types that
+  RecBole models keep in ``other_parameter`` (numpy arrays, scipy sparse matrices) are allow-listed here with
+  ``torch.serialization.add_safe_globals``. Loading a checkpoint never imports or runs model code.
+- ``check_checkpoint_model``: loading a checkpoint written for another model raises a one-line error naming both
+  models (RecBole only warns, then fails deep inside ``load_state_dict``).
 """
 import os
-import sys
 import warnings
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # RecBole 1.2.1's pandas idioms warn on pandas 2.x (they work there; pandas 3 is excluded in setup.py)
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
+# ray 2.6 (imported by recbole.quick_start) imports pkg_resources, which setuptools 80 marks deprecated
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
 import numpy as np  # noqa: E402
 
@@ -74,28 +74,6 @@ def plain_value(value):
     return str(value)
 
 
-def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-    if not self.config["single_spec"] and self.config["local_rank"] != 0:
-        return
-    saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-    state = {
-        "config": plain_value(self.config.final_config_dict),
-        # which class: our EASE shadows RecBole's EASE (reload.py rebuilds RecBole's as `recbole:EASE`)
-        "model_class": f"{type(self.model).__module__}:{type(self.model).__name__}",
-        "epoch": epoch,
-        "cur_step": self.cur_step,
-        "best_valid_score": plain_value(self.best_valid_score),
-        "state_dict": self.model.state_dict(),
-        "other_parameter": self.model.other_parameter(),
-        "optimizer": self.optimizer.state_dict(),
-    }
-    torch.save(state, saved_model_file)
-    if verbose:
-        from recbole.utils import set_color
-
-        self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
-
-
 def check_checkpoint_model(checkpoint_file, model_name):
     """Refuse a checkpoint written for another model (one line naming both)."""
     saved = torch.load(checkpoint_file, map_location="cpu")["config"]["model"]
@@ -115,86 +93,9 @@ def _numpy_safe_globals():
     return out
 
 
-def _patch_recbole_trainers():
-    import scipy.sparse as sp
-    from recbole.trainer import trainer as trainer_module
-
-    torch.serialization.add_safe_globals([
-        *_numpy_safe_globals(), np.ndarray, np.dtype, np.matrix,
-        *{type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")},
-        sp.csr_matrix, sp.csc_matrix, sp.coo_matrix,
-    ])
-    Trainer = trainer_module.Trainer
-    Trainer._save_checkpoint = _save_checkpoint
-    original_evaluate = Trainer.evaluate
-    original_resume = Trainer.resume_checkpoint
-
-    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-        if eval_data and load_best_model:
-            check_checkpoint_model(model_file or self.saved_model_file, self.config["model"])
-        return original_evaluate(self, eval_data, load_best_model, model_file, show_progress)
-
-    def resume_checkpoint(self, resume_file):
-        check_checkpoint_model(str(resume_file), self.config["model"])
-        return original_resume(self, resume_file)
-
-    Trainer.evaluate = evaluate
-    Trainer.resume_checkpoint = resume_checkpoint
-
-
-_patch_recbole_trainers()
-
-
-class _PatchAfterExec:
-    """Loader wrapper: runs the real loader, then patches the module (everything else goes to the real loader)."""
-
-    def __init__(self, loader, patch):
-        self._loader, self._patch = loader, patch
-
-    def __getattr__(self, name):
-        if name == "_loader":  # not set yet (e.g. while being copied): no recursion
-            raise AttributeError(name)
-        return getattr(self._loader, name)
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        self._patch(module)
-
-
-class _QuickStartHook:
-    """Meta-path finder that patches ``recbole.quick_start`` when (and only if) someone imports it."""
-
-    name = "recbole.quick_start"
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.name:
-            return None
-        import importlib.machinery
-
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _PatchAfterExec(spec.loader, _patch_quick_start)
-        return spec
-
-
-def _patch_quick_start(package):
-    from recbole_weaverec.reload import load_data_and_model
-
-    package.load_data_and_model = load_data_and_model  # `from recbole.quick_start import load_data_and_model`
-    package.quick_start.load_data_and_model = load_data_and_model
-
-
-# ray 2.6 (imported by recbole.quick_start) imports pkg_resources, which setuptools 80 marks deprecated
-warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
-if _QuickStartHook.name in sys.modules:  # imported before this package
-    _patch_quick_start(sys.modules[_QuickStartHook.name])
-elif not any(isinstance(f, _QuickStartHook) for f in sys.meta_path):
-    sys.meta_path.insert(0, _QuickStartHook())
-
-# multi-process runs (RecBole's nproc/world_size keys): DDP on CPU, exact gathered evaluation, rank-0-only output
-from recbole_weaverec.distributed import patch_recbole_trainers  # noqa: E402
-
-patch_recbole_trainers()
+# the types RecBole models keep in other_parameter, for torch's weights_only loader
+torch.serialization.add_safe_globals([
+    *_numpy_safe_globals(), np.ndarray, np.dtype, np.matrix,
+    *{type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")},
+    _sp.csr_matrix, _sp.csc_matrix, _sp.coo_matrix,
+])

@@ -11,10 +11,14 @@ from pathlib import Path
 from recbole_weaverec import compat  # noqa: F401
 from recbole.config import Config
 
+from recbole_weaverec.checks import check_recbole_keys, warn_typos
+from recbole_weaverec.distributed import init_device
 from recbole_weaverec.errors import ConfigError  # noqa: F401  (re-exported: older imports)
+from recbole_weaverec.registry import get_model_class
 
-PROPERTIES = Path(__file__).resolve().parent.parent / "properties"
-DEFAULT_DATA_PATH = Path(__file__).resolve().parent.parent / "dataset"
+# inside the package, so that a wheel (pip install ., not only -e) ships every default and the sample data
+PROPERTIES = Path(__file__).resolve().parent / "properties"
+DEFAULT_DATA_PATH = Path(__file__).resolve().parent / "dataset"
 DEFAULT_DATASET = "toys-sample"
 MERGED_KEYS = ("eval_args",)  # dict-valued keys merged key by key instead of replaced
 
@@ -90,8 +94,6 @@ class WeaveConfig(Config):
         self.external_config_dict = merged
 
     def _get_model_and_dataset(self, model, dataset):
-        from recbole_weaverec.registry import get_model_class
-
         if model is None:
             model = self.external_config_dict.get("model")
             if model is None:
@@ -135,13 +137,9 @@ class WeaveConfig(Config):
 
     def _init_device(self):
         # multi-process runs: gloo + CPU without CUDA, nccl + cuda:local_rank with it (RecBole: nccl only)
-        from recbole_weaverec.distributed import init_device
-
         init_device(self, super()._init_device)
 
     def _set_default_parameters(self):
-        from recbole_weaverec.checks import check_recbole_keys, warn_typos
-
         check_recbole_keys(self.final_config_dict)  # before RecBole reads them (it fails deep inside, or late)
         warn_typos(self.external_config_dict, self.internal_config_dict)
         super()._set_default_parameters()

@@ -3,22 +3,21 @@
 RecBole 1.2.1 runs N processes with ``run(..., nproc=N)`` (``torch.multiprocessing.spawn``) and the config keys
 ``local_rank`` / ``nproc`` / ``world_size`` / ``offset`` / ``ip`` / ``port``; its Config opens the process group and
 its dataloaders shard every split with a ``DistributedSampler``. This module makes that mechanism work for our models
-and on CPU; it adds no launcher of its own:
+and on CPU; it adds no launcher of its own (``quick_start.spawn`` starts the processes as RecBole's ``run`` does):
 
 - ``init_device`` (called by ``WeaveConfig._init_device``): gloo + CPU when there is no CUDA, nccl + ``cuda:local_rank``
   otherwise (RecBole hard-codes nccl and asserts one ``gpu_id`` per process). A process started by ``torchrun`` (its
   ``LOCAL_RANK``/``RANK``/``WORLD_SIZE`` variables) is taken as is.
-- ``patch_recbole_trainers`` (called by ``compat``): DDP without ``device_ids`` on CPU, and none for a trainer that
-  all-reduces its own gradients (``manual_gradient_sync = True``, e.g. the LLM trainer) or a model with nothing to
-  train; the same checkpoint path on every rank (RecBole names it by each process's clock); checkpoints and
-  TensorBoard files written by global rank 0 only; and EXACT evaluation: instead of averaging per-rank metrics that
-  RecBole's evaluator has already rounded (and that count the users the DistributedSampler repeats to pad the
-  shards), each rank's per-user rows (the collector's ``rec.topk`` etc.) are gathered, the padded repeats dropped by
-  dataloader index, and RecBole's evaluator runs once on exactly the rows one process would have produced.
+- ``make_ddp`` and ``GatheringEvaluator``, which ``patches`` installs into RecBole's Trainer (with the rank-0-only
+  checkpoints and TensorBoard files and the checkpoint path shared by all ranks): DDP without ``device_ids`` on CPU,
+  and none for a trainer that all-reduces its own gradients (``manual_gradient_sync = True``, e.g. the LLM trainer)
+  or a model with nothing to train; and EXACT evaluation: instead of averaging per-rank metrics that RecBole's
+  evaluator has already rounded (and that count the users the DistributedSampler repeats to pad the shards), each
+  rank's per-user rows (the collector's ``rec.topk`` etc.) are gathered, the padded repeats dropped by dataloader
+  index, and RecBole's evaluator runs once on exactly the rows one process would have produced.
 - helpers for models that run their own training loop (the LLM LoRA learner): ``shard``, ``loss_weight``,
   ``all_reduce_grads``, ``all_reduce_sum``, ``is_main``, ``barrier``, ``broadcast_object``.
-- ``spawn``: what ``quick_start.run(..., nproc=N)`` calls; like RecBole's ``run_recboles`` it spawns ``nproc`` local
-  processes and returns global rank 0's result dict.
+- ``check_launch``: the launch arguments of ``quick_start.run(..., nproc=N)`` (which spawns the processes).
 """
 import logging
 import os
@@ -26,7 +25,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from recbole_weaverec.config import ConfigError
+from recbole_weaverec.errors import ConfigError
 
 DIST_KEYS = ("nproc", "world_size", "ip", "port", "offset")
 DEFAULT_IP, DEFAULT_PORT = "localhost", "5678"  # RecBole's defaults
@@ -247,7 +246,7 @@ def init_logger(config):
     logging.basicConfig(level=logging.ERROR, handlers=[logging.StreamHandler()], force=True)
 
 
-# --- RecBole trainer patches ----------------------------------------------------------------------------------
+# --- what patches.py installs into RecBole's Trainer --------------------------------------------------------------
 def make_ddp(trainer, model, config):
     """RecBole's DDP wrapper, or None where it does not apply (see the module docstring)."""
     from torch.nn.parallel import DistributedDataParallel
@@ -257,13 +256,6 @@ def make_ddp(trainer, model, config):
     if config["device"].type == "cuda":
         return DistributedDataParallel(model, device_ids=[config["local_rank"]])
     return DistributedDataParallel(model)  # CPU: no device_ids
-
-
-class _NullWriter:
-    """Stands in for TensorBoard's SummaryWriter on ranks other than 0 (no event files)."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
 
 
 class GatheringEvaluator:
@@ -304,66 +296,7 @@ class GatheringEvaluator:
         return self.evaluator.evaluate(struct)
 
 
-def patch_recbole_trainers():
-    from recbole.trainer import trainer as trainer_module
-
-    AbstractTrainer, Trainer = trainer_module.AbstractTrainer, trainer_module.Trainer
-    if getattr(Trainer, "_weaverec_distributed", False):
-        return
-    original_get_tensorboard = trainer_module.get_tensorboard
-    original_trainer_init = Trainer.__init__
-    original_evaluate = Trainer.evaluate
-    original_map_reduce = Trainer._map_reduce
-    original_save = Trainer._save_checkpoint
-
-    def abstract_init(self, config, model):
-        self.config = config
-        self.model = model
-        if not config["single_spec"]:
-            # (no SyncBatchNorm on CPU: it needs a GPU; our models have no BatchNorm)
-            if config["device"].type == "cuda":
-                self.model = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            self.distributed_model = make_ddp(self, model, config)
-
-    def get_tensorboard(log):
-        return original_get_tensorboard(log) if is_main() else _NullWriter()
-
-    def trainer_init(self, config, model):
-        original_trainer_init(self, config, model)
-        if not config["single_spec"]:  # RecBole names the checkpoint by each process's clock: take rank 0's
-            self.saved_model_file = broadcast_object(self.saved_model_file)
-
-    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-        if self.config["single_spec"] or not eval_data or isinstance(self.evaluator, GatheringEvaluator):
-            return original_evaluate(self, eval_data, load_best_model, model_file, show_progress)
-        self.evaluator = GatheringEvaluator(self.evaluator, list(iter(eval_data.sampler)))
-        try:
-            return original_evaluate(self, eval_data, load_best_model, model_file, show_progress)
-        finally:
-            self.evaluator = self.evaluator.evaluator
-
-    def map_reduce(self, result, num_sample):
-        if isinstance(self.evaluator, GatheringEvaluator) and self.evaluator.exact:
-            return result  # already the metrics of all samples
-        return original_map_reduce(self, result, num_sample)
-
-    def save_checkpoint(self, epoch, verbose=True, **kwargs):
-        if self.config["single_spec"]:
-            return original_save(self, epoch, verbose=verbose, **kwargs)
-        if is_main():
-            original_save(self, epoch, verbose=verbose, **kwargs)
-        barrier()  # every rank calls this at the same point; none reads the file before it is written
-
-    AbstractTrainer.__init__ = abstract_init
-    trainer_module.get_tensorboard = get_tensorboard
-    Trainer.__init__ = trainer_init
-    Trainer.evaluate = evaluate
-    Trainer._map_reduce = map_reduce
-    Trainer._save_checkpoint = save_checkpoint
-    Trainer._weaverec_distributed = True
-
-
-# --- spawning (quick_start.run with nproc > 1) ------------------------------------------------------------------
+# --- launch arguments (quick_start.run with nproc > 1) --------------------------------------------------------
 def check_launch(nproc, world_size_, group_offset):
     for key, value, low in (("nproc", nproc, 1), ("offset", group_offset, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -379,29 +312,3 @@ def check_launch(nproc, world_size_, group_offset):
                           f"use one mechanism, either torchrun or --nproc")
     return world
 
-
-def spawn(run_kwargs, nproc=1, world_size_=-1, ip=DEFAULT_IP, port=DEFAULT_PORT, group_offset=0):
-    """Run ``quick_start.run(**run_kwargs)`` in ``nproc`` local processes of a ``world_size``-process job (like
-    RecBole's ``run_recboles``); returns global rank 0's result (None on the other machines)."""
-    import torch.multiprocessing as mp
-
-    world = check_launch(nproc, world_size_, group_offset)
-    config_dict = dict(run_kwargs.get("config_dict") or {})
-    config_dict.update({"world_size": world, "ip": str(ip), "port": str(port), "nproc": nproc,
-                        "offset": group_offset})
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=({**run_kwargs, "config_dict": config_dict}, queue), nprocs=nproc, join=True)
-    return None if queue.empty() else queue.get()
-
-
-def _worker(local_rank, run_kwargs, queue):
-    from recbole_weaverec.quick_start import run
-
-    run_kwargs["config_dict"] = {**run_kwargs["config_dict"], "local_rank": local_rank}
-    try:
-        result = run(**run_kwargs)
-        if is_main():
-            queue.put(result)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

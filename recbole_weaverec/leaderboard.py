@@ -34,9 +34,11 @@ from pathlib import Path
 
 import yaml
 
+from recbole_weaverec.config import DEFAULT_DATA_PATH
+
 TOP_KEYS = {
     "name": "title of the board",
-    "data_path": "folder holding the datasets (relative to the working directory)",
+    "data_path": "folder holding the datasets (relative to the working directory; default: the embedded samples)",
     "output_dir": "where results.csv, results.md, the PNGs and cache/ go",
     "datasets": "target datasets (list)",
     "seeds": "training seeds (list of int)",
@@ -151,9 +153,9 @@ def validate_config(raw, default_name="leaderboard"):
         if key not in raw:
             _fail(f"the leaderboard config needs {key!r}")
     cfg = {"name": str(raw.get("name", default_name))}
-    cfg["data_path"] = str(Path(raw.get("data_path", "dataset")).resolve())
+    cfg["data_path"] = str(Path(raw.get("data_path", DEFAULT_DATA_PATH)).resolve())
     if not Path(cfg["data_path"]).is_dir():
-        _fail(f"data_path {raw.get('data_path', 'dataset')!r} is not a folder ({cfg['data_path']})")
+        _fail(f"data_path {str(raw.get('data_path', DEFAULT_DATA_PATH))!r} is not a folder ({cfg['data_path']})")
     cfg["output_dir"] = str(Path(raw.get("output_dir", Path("leaderboards/results") / cfg["name"])).resolve())
     cfg["datasets"] = _str_list(raw["datasets"], "datasets")
     for d in cfg["datasets"]:

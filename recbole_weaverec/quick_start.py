@@ -1,7 +1,10 @@
-"""``run(model, dataset, config_file_list, config_dict)``: RecBole's run_recbole for our models and RecBole's."""
+"""``run(model, dataset, config_file_list, config_dict)``: RecBole's run_recbole for our models and RecBole's
+(``spawn``: its multi-process runs), and ``load_data_and_model`` to use a saved run again, as in RecBole's
+quick_start."""
 import glob
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,6 +16,10 @@ from recbole.utils import get_trainer, init_seed, set_color
 
 from recbole_weaverec.config import ConfigError, WeaveConfig
 from recbole_weaverec.data.checks import check_dataset_files
+from recbole_weaverec.distributed import check_launch, is_main
+from recbole_weaverec.distributed import init_logger as init_rank_logger  # log file on rank 0 only
+from recbole_weaverec.reload import as_tested, build_saved_config, read_checkpoint
+from recbole_weaverec.runfiles import JournaledList, RunFiles, sigterm_as_exit
 
 FULL_SORT_USERS_PER_BATCH = 256
 DEFAULT_MODEL = "WeaveRec"  # the README's main job: WeaveRec on toys-sample with beauty-sample as source
@@ -121,17 +128,11 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
     data-parallel processes (see ``distributed``) and returns global rank 0's dict.
     """
     if nproc != 1 or world_size > 0:
-        from recbole_weaverec import distributed
-
-        distributed.check_launch(nproc, world_size, group_offset)
+        world = check_launch(nproc, world_size, group_offset)
         build_config(model, dataset, config_file_list, config_dict, cmd_args)  # bad input: one line, before spawning
-        return distributed.spawn(dict(model=model, dataset=dataset, config_file_list=config_file_list,
-                                      config_dict=config_dict, saved=saved, cmd_args=cmd_args),
-                                 nproc, world_size, ip, port, group_offset)
+        return spawn(dict(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict,
+                          saved=saved, cmd_args=cmd_args), nproc, world, ip, port, group_offset)
     config = build_config(model, dataset, config_file_list, config_dict, cmd_args)
-    from recbole_weaverec.distributed import init_logger as init_rank_logger  # log file on rank 0 only
-    from recbole_weaverec.runfiles import JournaledList, RunFiles, sigterm_as_exit
-
     with sigterm_as_exit():  # SIGTERM (timeout, Slurm, docker stop) cleans up exactly as Ctrl-C does
         files = RunFiles()  # also removes the files of runs here that were killed outright
         new_logs = []
@@ -198,4 +199,43 @@ def _run(config, saved):
     }
 
 
-from recbole_weaverec.reload import load_data_and_model  # noqa: E402,F401  (RecBole's quick_start name, for our runs)
+def spawn(run_kwargs, nproc, world, ip, port, group_offset):
+    """``run(**run_kwargs)`` in ``nproc`` local processes of a ``world``-process job (like RecBole's
+    ``run_recboles``); returns global rank 0's result (None on the other machines)."""
+    import torch.multiprocessing as mp
+
+    config_dict = dict(run_kwargs.get("config_dict") or {})
+    config_dict.update({"world_size": world, "ip": str(ip), "port": str(port), "nproc": nproc,
+                        "offset": group_offset})
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_worker, args=({**run_kwargs, "config_dict": config_dict}, queue), nprocs=nproc, join=True)
+    return None if queue.empty() else queue.get()
+
+
+def _worker(local_rank, run_kwargs, queue):
+    run_kwargs["config_dict"] = {**run_kwargs["config_dict"], "local_rank": local_rank}
+    try:
+        result = run(**run_kwargs)
+        if is_main():
+            queue.put(result)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def load_data_and_model(model_file, config_dict=None):
+    """``(config, model, dataset, train_data, valid_data, test_data)`` of a saved run, like RecBole's function.
+
+    ``trainer.evaluate(test_data, load_best_model=False)`` with the model's trainer (``get_trainer_class``) then
+    reproduces the saved run's test result. RecBole's own ``load_data_and_model`` is routed here (``patches``).
+    """
+    checkpoint = read_checkpoint(model_file)
+    config = build_saved_config(checkpoint, config_dict)
+    dataset, train_data, valid_data, test_data = prepare(config)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])  # as _run
+    model = config.model_class(config, train_data._dataset).to(config["device"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    as_tested(model, config, valid_data, Path(model_file))
+    model.eval()
+    return config, model, dataset, train_data, valid_data, test_data

@@ -1,5 +1,6 @@
 """Model names users type -> model classes: ours first, then RecBole's built-ins (``recbole:NAME`` forces RecBole's)."""
 import importlib
+import importlib.util
 import pkgutil
 import re
 

@@ -1,12 +1,13 @@
-"""``load_data_and_model(model_file)``: RecBole's way to use a saved model again, for checkpoints written here.
+"""Reading a saved run back (``quick_start.load_data_and_model``, RecBole's way to use a saved model again).
 
-Checkpoints written while this package is imported hold the config as a plain dict (``compat._save_checkpoint``), so
-they load with torch's ``weights_only=True`` and nothing is unpickled. Here that dict becomes a ``WeaveConfig`` again
-(same model, dataset, data folder and values), the dataset and dataloaders are rebuilt exactly as ``quick_start.prepare``
-builds them (same seeded evaluation users, same shared candidates), the model is built and its saved weights loaded.
-The model is returned in the state the run scored its test split in: LLM adapters folded into the base weights (merged
-models re-merged from their saved adapter folders), LAE models with the validation rows added to the test history
-where ``test_history: train_valid`` says so. ``compat`` routes RecBole's own ``load_data_and_model`` here.
+Checkpoints written while this package is imported hold the config as a plain dict (``patches``' ``_save_checkpoint``),
+so they load with torch's ``weights_only=True`` and nothing is unpickled. Here that dict becomes a ``WeaveConfig`` again
+(same model, dataset, data folder and values); ``quick_start.load_data_and_model`` rebuilds the dataset and dataloaders
+exactly as ``quick_start.prepare`` builds them (same seeded evaluation users, same shared candidates), builds the model
+and loads its saved weights, and ``as_tested`` puts the model in the state the run scored its test split in: LLM
+adapters folded into the base weights (merged models re-merged from their saved adapter folders), LAE models with the
+validation rows added to the test history where ``test_history: train_valid`` says so. ``patches`` routes RecBole's
+own ``load_data_and_model`` to ``quick_start.load_data_and_model``.
 """
 import copy
 import os
@@ -106,29 +107,7 @@ def build_saved_config(checkpoint, config_dict=None):
     return config
 
 
-def load_data_and_model(model_file, config_dict=None):
-    """``(config, model, dataset, train_data, valid_data, test_data)`` of a saved run, like RecBole's function.
-
-    ``trainer.evaluate(test_data, load_best_model=False)`` with the model's trainer
-    (``quick_start.get_trainer_class``) then reproduces the saved run's test result.
-    """
-    from recbole.utils import init_seed
-
-    from recbole_weaverec.quick_start import prepare
-
-    checkpoint = read_checkpoint(model_file)
-    config = build_saved_config(checkpoint, config_dict)
-    dataset, train_data, valid_data, test_data = prepare(config)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])  # as quick_start._run
-    model = config.model_class(config, train_data._dataset).to(config["device"])
-    model.load_state_dict(checkpoint["state_dict"])
-    model.load_other_parameter(checkpoint.get("other_parameter"))
-    _as_tested(model, config, valid_data, Path(model_file))
-    model.eval()
-    return config, model, dataset, train_data, valid_data, test_data
-
-
-def _as_tested(model, config, valid_data, model_file):
+def as_tested(model, config, valid_data, model_file):
     """Bring the model into the state in which the saved run scored its test split."""
     from recbole_weaverec.model.llm.base import LLMRecommender
 

@@ -11,7 +11,7 @@ import recbole_weaverec  # noqa: E402,F401  (compat before RecBole)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
-SAMPLE_DATA = REPO / "dataset"
+SAMPLE_DATA = REPO / "recbole_weaverec" / "dataset"
 
 
 def needs_shared_data():

@@ -11,7 +11,7 @@ from recbole_weaverec import compat
 from recbole_weaverec.quick_start import get_trainer_class, load_data_and_model, run
 from recbole_weaverec.reload import CheckpointError, MissingAdapterError
 
-SAMPLE = "toys-sample"  # the bundled sample in dataset/
+SAMPLE = "toys-sample"  # the bundled sample in recbole_weaverec/dataset/
 FAST = {"epochs": 2, "show_progress": False, "state": "WARNING", "eval_sample_users": 40}
 TINY_LLM = {"eval_sample_users": 6, "max_train_samples": 4, "max_history": 3, "max_title_tokens": 6, "lora_r": 4,
             "lora_alpha": 8, "learning_rate": 1e-2, "epochs": 2}

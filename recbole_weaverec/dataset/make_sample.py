@@ -1,4 +1,5 @@
-"""Rebuild the quick-start sample in dataset/ from the full domains in ../shared/data (see dataset/README.md)."""
+"""Rebuild the quick-start sample in recbole_weaverec/dataset/ from the full domains in ../shared/data (see
+recbole_weaverec/dataset/README.md)."""
 import argparse
 import random
 from pathlib import Path
@@ -10,7 +11,7 @@ DOMAINS = {"amazon-toys": "toys-sample", "amazon-beauty": "beauty-sample", "amaz
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--src", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+    ap.add_argument("--src", default=str(Path(__file__).resolve().parents[3] / "shared" / "data"))
     ap.add_argument("--items", type=int, default=1000, help="keep the N most popular items of each domain")
     ap.add_argument("--users", type=int, default=1500, help="then sample N users with >= 5 of those items")
     ap.add_argument("--seed", type=int, default=2026)

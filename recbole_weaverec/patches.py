@@ -1,0 +1,177 @@
+"""Every change this package makes to RecBole's Trainer (and the hook on ``recbole.quick_start``), in one place.
+
+``install()`` runs once, from the package's ``__init__`` (after ``compat``, which only adapts numpy / scipy / torch,
+and before ``safe.install()``, the other patch module: RecBole's Config value parsing, YAML loading and dataset /
+dataloader loading, so that nothing a user controls is unpickled or evaluated). Each method is replaced or wrapped
+exactly once; the function installed keeps RecBole's original as ``__wrapped__``. In install order:
+
+1. ``AbstractTrainer.__init__`` (replaced): in a multi-process run, RecBole's DDP wrapper needs a GPU per process;
+   here DDP has no ``device_ids`` on CPU (``distributed.make_ddp``), none at all for a trainer that all-reduces its
+   own gradients (``manual_gradient_sync``) or a model with nothing to train, and SyncBatchNorm only on CUDA.
+2. ``recbole.trainer.trainer.get_tensorboard`` (wrapped): TensorBoard files from global rank 0 only.
+3. ``Trainer.__init__`` (wrapped): RecBole names the checkpoint by each process's clock; every rank takes rank 0's.
+4. ``Trainer._save_checkpoint`` (replaced): RecBole pickles its whole Config, which torch's ``weights_only`` loader
+   refuses; the checkpoint holds the config as a plain dict (``compat.plain_value``) and names the model class
+   (our EASE shadows RecBole's). Written by global rank 0 only; the other ranks wait until it is on disk.
+5. ``Trainer.resume_checkpoint`` (wrapped): a checkpoint written for another model is refused in one line naming
+   both (``compat.check_checkpoint_model``; RecBole only warns, then fails inside ``load_state_dict``).
+6. ``Trainer.evaluate`` (wrapped): the same check before the best model is loaded. In a multi-process run every
+   rank's per-sample rows are gathered (``distributed.GatheringEvaluator``), so the metrics are those one process
+   would compute, not an average of rounded per-rank metrics that count the DistributedSampler's padded repeats.
+7. ``Trainer._map_reduce`` (wrapped): RecBole's per-rank averaging is skipped for those gathered metrics.
+8. ``recbole.quick_start.load_data_and_model`` (an import hook, so that importing this package never imports
+   ``recbole.quick_start``, which imports ray): RecBole's function cannot read the plain-dict checkpoints, so it is
+   ``quick_start.load_data_and_model``.
+"""
+import importlib.machinery
+import sys
+
+import torch
+
+from recbole_weaverec.compat import check_checkpoint_model, plain_value  # (and numpy's aliases before RecBole)
+from recbole.trainer import trainer as trainer_module
+from recbole.utils import set_color
+
+from recbole_weaverec.distributed import GatheringEvaluator, barrier, broadcast_object, is_main, make_ddp
+
+
+# --- the Trainer ------------------------------------------------------------------------------------------------
+def _abstract_trainer_init(self, config, model):
+    self.config = config
+    self.model = model
+    if not config["single_spec"]:
+        # (no SyncBatchNorm on CPU: it needs a GPU; our models have no BatchNorm)
+        if config["device"].type == "cuda":
+            self.model = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.distributed_model = make_ddp(self, model, config)
+
+
+class _NullWriter:
+    """Stands in for TensorBoard's SummaryWriter on ranks other than 0 (no event files)."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _get_tensorboard(log):
+    return _get_tensorboard.__wrapped__(log) if is_main() else _NullWriter()
+
+
+def _trainer_init(self, config, model):
+    _trainer_init.__wrapped__(self, config, model)
+    if not config["single_spec"]:  # RecBole names the checkpoint by each process's clock: take rank 0's
+        self.saved_model_file = broadcast_object(self.saved_model_file)
+
+
+def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+    saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+    if self.config["single_spec"] or is_main():
+        state = {
+            "config": plain_value(self.config.final_config_dict),
+            # which class: our EASE shadows RecBole's EASE (reload.py rebuilds RecBole's as `recbole:EASE`)
+            "model_class": f"{type(self.model).__module__}:{type(self.model).__name__}",
+            "epoch": epoch,
+            "cur_step": self.cur_step,
+            "best_valid_score": plain_value(self.best_valid_score),
+            "state_dict": self.model.state_dict(),
+            "other_parameter": self.model.other_parameter(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        torch.save(state, saved_model_file)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+    if not self.config["single_spec"]:
+        barrier()  # every rank calls this at the same point; none reads the file before it is written
+
+
+def _resume_checkpoint(self, resume_file):
+    check_checkpoint_model(str(resume_file), self.config["model"])
+    return _resume_checkpoint.__wrapped__(self, resume_file)
+
+
+def _evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+    recbole_evaluate = _evaluate.__wrapped__
+    if eval_data and load_best_model:
+        check_checkpoint_model(model_file or self.saved_model_file, self.config["model"])
+    if self.config["single_spec"] or not eval_data or isinstance(self.evaluator, GatheringEvaluator):
+        return recbole_evaluate(self, eval_data, load_best_model, model_file, show_progress)
+    self.evaluator = GatheringEvaluator(self.evaluator, list(iter(eval_data.sampler)))
+    try:
+        return recbole_evaluate(self, eval_data, load_best_model, model_file, show_progress)
+    finally:
+        self.evaluator = self.evaluator.evaluator
+
+
+def _map_reduce(self, result, num_sample):
+    if isinstance(self.evaluator, GatheringEvaluator) and self.evaluator.exact:
+        return result  # already the metrics of all samples
+    return _map_reduce.__wrapped__(self, result, num_sample)
+
+
+def install_trainer_patches():
+    AbstractTrainer, Trainer = trainer_module.AbstractTrainer, trainer_module.Trainer
+    if vars(Trainer)["evaluate"] is _evaluate:
+        return  # installed already: wrapping twice would check and gather twice
+    for owner, name, new in ((AbstractTrainer, "__init__", _abstract_trainer_init),
+                             (trainer_module, "get_tensorboard", _get_tensorboard),
+                             (Trainer, "__init__", _trainer_init),
+                             (Trainer, "_save_checkpoint", _save_checkpoint),
+                             (Trainer, "resume_checkpoint", _resume_checkpoint),
+                             (Trainer, "evaluate", _evaluate),
+                             (Trainer, "_map_reduce", _map_reduce)):
+        new.__wrapped__ = vars(owner)[name]  # RecBole's own function (never an inherited one)
+        setattr(owner, name, new)
+
+
+# --- recbole.quick_start ----------------------------------------------------------------------------------------
+class _PatchAfterExec:
+    """Loader wrapper: runs the real loader, then patches the module (everything else goes to the real loader)."""
+
+    def __init__(self, loader, patch):
+        self._loader, self._patch = loader, patch
+
+    def __getattr__(self, name):
+        if name == "_loader":  # not set yet (e.g. while being copied): no recursion
+            raise AttributeError(name)
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._patch(module)
+
+
+class _QuickStartHook:
+    """Meta-path finder that patches ``recbole.quick_start`` when (and only if) someone imports it."""
+
+    name = "recbole.quick_start"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _PatchAfterExec(spec.loader, _patch_quick_start)
+        return spec
+
+
+def _patch_quick_start(package):
+    # imported here: quick_start imports RecBole's data pipeline, which a plain `import recbole_weaverec` skips
+    from recbole_weaverec.quick_start import load_data_and_model
+
+    package.load_data_and_model = load_data_and_model  # `from recbole.quick_start import load_data_and_model`
+    package.quick_start.load_data_and_model = load_data_and_model
+
+
+def install_quick_start_hook():
+    if _QuickStartHook.name in sys.modules:  # imported before this package
+        _patch_quick_start(sys.modules[_QuickStartHook.name])
+    elif not any(isinstance(f, _QuickStartHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuickStartHook())
+
+
+def install():
+    install_trainer_patches()
+    install_quick_start_hook()
