@@ -203,7 +203,9 @@ def run_probe(name, expect, build, root):
             rc, err = proc.returncode, proc.stderr
             expect = "ok" if "rebuilt" in err or "again" in err or "re-encod" in err else "warned"
     else:
-        proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+        # a shell's background job (nohup ... &) starts with SIGINT ignored; a user's Ctrl-C reaches a foreground run
+        proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         while time.time() < deadline and not glob.glob(str(work / "saved" / "*.pth")) and proc.poll() is None:
             time.sleep(0.2)
