@@ -188,3 +188,34 @@ def test_reused_adapter_without_weights_is_not_a_hub_name(base, tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         load_adapter(copy.deepcopy(base), folder)
     one_line(e, "adapter_model.safetensors", str(folder))
+
+
+def test_corrupt_reused_module_is_named_and_trained_again(base, tmp_path, monkeypatch, caplog):
+    """A cached WeaveRec/LLMMerge module whose weights were cut short: warned about by name, retrained, reused."""
+    import logging
+
+    from recbole_weaverec.model.llm import training
+
+    trained = []
+
+    def fake_train(base_model, samples, builder, domains, settings, folder, progress=False, logger=None, **meta):
+        trained.append(folder)
+        save_adapter(base_model, folder)
+        (folder / training.META_FILE).write_text(json.dumps({"key": meta["key"]}))
+        return folder, None
+
+    monkeypatch.setattr(training, "train_adapter", fake_train)
+
+    def ensure():
+        return training.ensure_adapter(base, tmp_path / "mod", lambda: ([], {}), None, {}, None, {"k": 1},
+                                       logger=logging.getLogger("t"))
+
+    ensure()
+    weights = tmp_path / "mod" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING):
+        ensure()
+    assert len(trained) == 2 and str(tmp_path / "mod") in caplog.text and "training it again" in caplog.text
+    ensure()
+    assert len(trained) == 2  # the rebuilt module is reused
+    M.check_adapter_folder(tmp_path / "mod")

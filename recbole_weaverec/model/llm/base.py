@@ -16,6 +16,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType, ModelType
 
 from recbole_weaverec.config import ConfigError
+from recbole_weaverec.merging import check_adapter_paths
 from recbole_weaverec.model.lae.base import check_choice, check_number
 from recbole_weaverec.model.llm.backbone import load_backbone
 from recbole_weaverec.model.llm.prompts import PromptBuilder
@@ -77,13 +78,17 @@ class LLMRecommender(SequentialRecommender):
                                                                       for k, v in paths.items())):
             raise ConfigError(f"adapter_paths={paths!r} is not allowed: expected a mapping domain -> adapter folder, "
                               f"e.g. \"{{'amazon-toys': 'saved/run/adapters/amazon-toys'}}\"")
-        for domain, folder in (paths or {}).items():
-            if not os.path.isdir(os.path.expanduser(folder)):
-                raise FileNotFoundError(f"adapter_paths[{domain!r}]: folder {folder} not found")
+
+    @classmethod
+    def adapter_keys(cls, config):
+        """The ``adapter_paths`` keys this model reads; any other key would be ignored and a new adapter trained."""
+        return [config["dataset"]]
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.validate_config(config)
+        # after validate_config (which may set source_domains): every key is read, every folder is a whole adapter
+        check_adapter_paths(config["adapter_paths"], self.adapter_keys(config), config["model"])
         self.config = config
         self.llm, self.tokenizer, self.base_name = load_backbone(
             config["llm_path"], self.device, DTYPES[config["llm_dtype"]], config["llm_cache_dir"])

@@ -23,5 +23,9 @@ class LLMJoint(LLMRec):
                                        self.config["seed"]))
         return mix_samples(lists, self.config["seed"])
 
+    @classmethod
+    def adapter_keys(cls, config):
+        return ["+".join([config["dataset"], *domain_list(config, "source_domains", required=True)])]
+
     def adapter_name(self):  # the folder name of the joint adapter (and its adapter_paths key)
         return "+".join([self.target.name, *domain_list(self.config, "source_domains", required=True)])

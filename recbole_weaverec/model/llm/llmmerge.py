@@ -47,6 +47,10 @@ class LLMMerge(LLMRecommender):
         check_number(config, "merge_lambda")
         merge_weights(config, len(sources) + 1)
 
+    @classmethod
+    def adapter_keys(cls, config):
+        return [config["dataset"], *domain_list(config, "source_domains", required=True)]
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.sources = domain_list(config, "source_domains", required=True)

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import zlib
+from logging import getLogger
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 
 from recbole_weaverec import distributed
 from recbole_weaverec.merging import AdapterMismatchError  # one error type for adapter mismatches (re-exported)
+from recbole_weaverec.merging import AdapterFileError, AdapterNotFoundError, check_adapter_folder
 from recbole_weaverec.model.llm.backbone import base_name
 from recbole_weaverec.model.llm.prompts import IGNORE_INDEX
 
@@ -306,9 +308,7 @@ def adapter_base_name(folder):
 def check_adapter_base(folder, model):
     """Refuse an adapter folder that is missing or was trained on another base model (one line, both names)."""
     folder = Path(os.path.expanduser(str(folder)))
-    if not (folder / "adapter_config.json").is_file():
-        raise AdapterMismatchError(f"adapter folder {folder} not found or has no adapter_config.json "
-                                   f"(expected a peft LoRA folder saved by this package)")
+    check_adapter_folder(folder)  # missing files, malformed JSON, truncated weights, a rank the weights lack
     theirs, ours = adapter_base_name(folder), base_name(model)
     if theirs != ours:
         raise AdapterMismatchError(f"adapter {folder} was trained on base model {theirs!r}, not on this run's "
@@ -355,8 +355,18 @@ def ensure_adapter(base, folder, make_samples, builder, domains, settings, key, 
     """
     folder = Path(folder)
     meta_file = folder / META_FILE
+    corrupt = None
     if meta_file.is_file():
-        saved = json.loads(meta_file.read_text()).get("key")
+        try:
+            saved = json.loads(meta_file.read_text()).get("key")
+            check_adapter_folder(folder)
+        except (ValueError, AttributeError, AdapterFileError, AdapterNotFoundError) as e:
+            corrupt = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if corrupt is not None:
+        # a reused module cut short or overwritten must not fail every run until deleted by hand
+        (logger or getLogger()).warning(f"cached adapter {folder} is corrupt ({corrupt}): training it again")
+        shutil.rmtree(folder)
+    elif meta_file.is_file():
         if saved == json.loads(json.dumps(key)):
             if logger is not None:
                 logger.info(f"reusing adapter {folder} (same training settings)")

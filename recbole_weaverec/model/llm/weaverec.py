@@ -118,6 +118,11 @@ class WeaveRec(LLMMerge):
         self._deltas = None
 
     # --- modules ------------------------------------------------------------------------------------------------
+    @classmethod
+    def adapter_keys(cls, config):  # θ0 and one hybrid per source
+        target = config["dataset"]
+        return [target, *(f"{target}{HYBRID_SEP}{s}" for s in domain_list(config, "source_domains", required=True))]
+
     def hybrid_name(self, source):
         return f"{self.target.name}{HYBRID_SEP}{source}"
 
