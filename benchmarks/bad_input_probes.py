@@ -151,6 +151,17 @@ def probes():
         (_board(w, d, "EASE"),
          [sys.executable, "-m", "recbole_weaverec.leaderboard", "--config", str(w / "board.yaml"), "--quiet"])[1],
         ("corrupt", str(w / "out" / "cache" / "cells" / "*.json"))))
+    # adapter faults (LLMRec with the embedded model; each refused before anything trains)
+    add("adapter_paths key that matches no domain", "error", lambda w, d, m: (
+        _fake_adapter(w / "ad", weights=b""), _cli(d, f"--adapter_paths={{'tinyy': '{w / 'ad'}'}}", model="LLMRec"))[1])
+    add("adapter folder without weights", "error", lambda w, d, m: (
+        _fake_adapter(w / "ad", weights=None), _cli(d, f"--adapter_paths={{'tiny': '{w / 'ad'}'}}", model="LLMRec"))[1])
+    add("truncated adapter safetensors", "error", lambda w, d, m: (
+        _fake_adapter(w / "ad", weights=b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\""),
+        _cli(d, f"--adapter_paths={{'tiny': '{w / 'ad'}'}}", model="LLMRec"))[1])
+    add("malformed adapter_config.json", "error", lambda w, d, m: (
+        _fake_adapter(w / "ad", weights=b"", config="{'r': 2,"),
+        _cli(d, f"--adapter_paths={{'tiny': '{w / 'ad'}'}}", model="LLMRec"))[1])
     # faults
     add("checkpoint_dir below a file", "error", lambda w, d, m: ((w / "f").write_text("x"), _cli(
         d, "--epochs=1", f"--checkpoint_dir={w / 'f' / 'c'}", model="SASRec"))[1])
@@ -162,6 +173,13 @@ def probes():
     add("SIGKILL, then a rerun", "ok-after-kill",
         lambda w, d, m: (_cli(d, *slow, model="SASRec"), ("after-checkpoint", signal.SIGKILL)))
     return out
+
+
+def _fake_adapter(folder, weights, config='{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}'):
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(config)
+    if weights is not None:
+        (folder / "adapter_model.safetensors").write_bytes(weights)
 
 
 def _append(path, text):
