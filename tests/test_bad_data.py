@@ -299,3 +299,17 @@ def test_cli_one_line_and_exit_2(tiny, tmp_path):
     err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("error: ") and "tiny.inter, line 6" in err[-1] and "'noon'" in err[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_broken_source_domain_refused_before_training(tmp_path):
+    """WeaveRec/LLMJoint/LLMMerge load source domains between modules: their files are checked at model build."""
+    from conftest import write_tiny_dataset
+    from recbole_weaverec.data.crossdomain import check_domain_files
+    from recbole_weaverec.quick_start import build_config
+
+    data = write_tiny_dataset(tmp_path / "d", "tiny")
+    write_tiny_dataset(data, "src", seed=1)
+    (data / "src" / "src.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\nu1\ti1\tnoon\n")
+    config = build_config("LLMJoint", "tiny", config_dict={"data_path": str(data), "source_domains": ["src"]})
+    with pytest.raises(DataFileError, match="src.inter, line 2"):
+        check_domain_files(config, ["src"])

@@ -54,6 +54,14 @@ def domain_config(config, name, **overrides):
     return WeaveConfig(model=config.model_class, dataset=name, config_dict=external)
 
 
+def check_domain_files(config, names):
+    """Every source domain's atomic files checked before anything trains (they are loaded later, between modules)."""
+    from recbole_weaverec.data.checks import check_dataset_files
+
+    for name in names:
+        check_dataset_files(domain_config(config, name))
+
+
 def load_domain(config, name, **overrides):
     """(config, dataset, (train, valid, test) split datasets) of domain ``name``, built by RecBole as usual."""
     from recbole.data import create_dataset

@@ -16,6 +16,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType, ModelType
 
 from recbole_weaverec.config import ConfigError
+from recbole_weaverec.data.crossdomain import check_domain_files, domain_list
 from recbole_weaverec.merging import check_adapter_paths
 from recbole_weaverec.model.lae.base import check_choice, check_number
 from recbole_weaverec.model.llm.backbone import load_backbone
@@ -89,6 +90,8 @@ class LLMRecommender(SequentialRecommender):
         self.validate_config(config)
         # after validate_config (which may set source_domains): every key is read, every folder is a whole adapter
         check_adapter_paths(config["adapter_paths"], self.adapter_keys(config), config["model"])
+        if config["source_domains"]:  # a broken source file must not surface after θ0 has trained
+            check_domain_files(config, domain_list(config, "source_domains"))
         self.config = config
         self.llm, self.tokenizer, self.base_name = load_backbone(
             config["llm_path"], self.device, DTYPES[config["llm_dtype"]], config["llm_cache_dir"])
