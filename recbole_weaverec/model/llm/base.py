@@ -61,6 +61,9 @@ class LLMRecommender(SequentialRecommender):
                     "gradient_accumulation_steps", "score_chunk_size", "max_full_sort_items"):
             check_int(config, key, low=1)
         check_int(config, "max_train_samples", low=1, allow_none=True)
+        check_int(config, "train_tokens_per_pass", low=1, allow_none=True)
+        check_int(config, "train_length_buckets", low=0, allow_none=True)
+        check_bool(config, "gradient_checkpointing")
         check_int(config, "num_prompt_candidates", low=1)
         check_number(config, "lora_alpha", low=0, low_open=True)
         check_number(config, "lora_dropout", low=0, high=1, high_open=True)

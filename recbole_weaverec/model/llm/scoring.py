@@ -1,59 +1,90 @@
 """Candidate scores: the length-normalised log-likelihood of each candidate's answer (title + end-of-turn).
 
-One forward pass over the prompt fills a key/value cache; the cache is repeated once per candidate
-(``DynamicCache.batch_repeat_interleave``) and one batched pass over all candidate answers (right-padded, position
-ids continuing after the prompt) gives every answer token's log-probability. Right padding needs no attention mask:
-under the causal mask a real token never sees the pads that follow it. The second pass appends to the cache, so every
-call (every user) builds a fresh one; chunks of candidates each get their own copy.
+One forward pass over the prompt fills a key/value cache (batch 1). Each chunk of candidates then goes through the
+model as ONE packed row appended to that cache: the answers' tokens side by side, position ids restarting after the
+prompt for every answer, and a block attention mask under which each answer token sees the whole prompt and the
+earlier tokens of its own answer only. So the cache is never copied per candidate (the old path repeated a ~400-token
+cache 30 times per user) and each chunk costs one forward over its answer tokens. The chunk's keys and values are
+cropped off the cache again before the next chunk. Log-probabilities are taken as logit - logsumexp, gathered only for
+the answer tokens, so no second vocabulary-wide tensor is made.
 """
-import copy
+import inspect
+from functools import lru_cache
 
 import torch
 from transformers import DynamicCache
 
 
-def _answer_batch(answers, pad_id, device):
-    lengths = torch.tensor([len(a) for a in answers], device=device)
-    width = int(lengths.max())
-    ids = torch.full((len(answers), width), pad_id, dtype=torch.long, device=device)
-    for i, a in enumerate(answers):
-        ids[i, :len(a)] = torch.tensor(a, dtype=torch.long)
-    return ids, lengths
+@lru_cache(maxsize=None)
+def _cache_kwarg(model_class):
+    """transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` is deprecated there)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _forward(model, cache, **kwargs):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model(**{_cache_kwarg(type(base)): cache}, use_cache=True, **kwargs)
+
+
+def _attn_implementation(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "_attn_implementation", "sdpa")
 
 
 def score_candidates(model, prompt_ids, answers, chunk_size=64, pad_id=0, grad=False):
     """Length-normalised log-likelihood (float32 tensor [len(answers)]) of each answer given the prompt.
 
     ``grad=True`` keeps the autograd graph (e.g. to fit merge coefficients on these scores): all candidates then go
-    in one chunk, and the scores stay on the model's device."""
+    in one chunk, and the scores stay on the model's device. ``pad_id`` is unused (packed rows have no padding); it
+    stays for callers written against the padded path."""
     if grad:
         with torch.enable_grad():
-            return _score(model, prompt_ids, answers, max(1, len(answers)), pad_id, keep_graph=True)
+            return _score(model, prompt_ids, answers, max(1, len(answers)), keep_graph=True)
     with torch.inference_mode():
-        return _score(model, prompt_ids, answers, chunk_size, pad_id, keep_graph=False)
+        return _score(model, prompt_ids, answers, chunk_size, keep_graph=False)
 
 
-def _score(model, prompt_ids, answers, chunk_size, pad_id, keep_graph):
+def packed_answers(answers, n_prompt, device):
+    """(input ids, position ids, block mask [1, 1, T, n_prompt + T], target ids, answer index of each target) of
+    one packed row holding every answer's inputs (all its tokens but the last, which is only ever predicted)."""
+    inputs, targets, owner, offsets = [], [], [], []
+    for i, a in enumerate(answers):
+        inputs += a[:-1]
+        targets += a[1:]
+        owner += [i] * (len(a) - 1)
+        offsets += range(len(a) - 1)
+    ids = torch.tensor([inputs], dtype=torch.long, device=device)
+    owner = torch.tensor(owner, dtype=torch.long, device=device)
+    offsets = torch.tensor(offsets, dtype=torch.long, device=device)
+    same = owner[:, None] == owner[None, :]
+    causal = offsets[None, :] <= offsets[:, None]
+    mask = torch.cat([torch.ones(len(inputs), n_prompt, dtype=torch.bool, device=device), same & causal], dim=1)
+    positions = (n_prompt + offsets)[None, :]
+    return ids, positions, mask[None, None], torch.tensor(targets, dtype=torch.long, device=device), owner
+
+
+def _score(model, prompt_ids, answers, chunk_size, keep_graph):
     device = next(model.parameters()).device
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    n_prompt = prompt.shape[1]
     # only the last prompt position's logits are needed (the vocabulary projection is ~20% of a small LM's work)
-    out = model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    out = _forward(model, DynamicCache(), input_ids=prompt, logits_to_keep=1)
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # distribution of every answer's first token
-    prompt_cache, n_prompt = out.past_key_values, prompt.shape[1]
+    cache = out.past_key_values
     scores = []
     for start in range(0, len(answers), chunk_size):
-        chunk = answers[start:start + chunk_size]
-        ids, lengths = _answer_batch(chunk, pad_id, device)
-        logp = first[ids[:, 0]]
-        if ids.shape[1] > 1:
-            cache = copy.deepcopy(prompt_cache) if start + chunk_size < len(answers) else prompt_cache
-            cache.batch_repeat_interleave(len(chunk))
-            inputs = ids[:, :-1]  # the last answer token is only ever predicted
-            positions = torch.arange(n_prompt, n_prompt + inputs.shape[1], device=device).expand_as(inputs)
-            logits = model(input_ids=inputs, past_key_values=cache, position_ids=positions, use_cache=True).logits
-            token_logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-            mask = torch.arange(1, ids.shape[1], device=device)[None, :] < lengths[:, None]
-            logp = logp + (token_logp * mask).sum(1)
+        chunk = [list(a) for a in answers[start:start + chunk_size]]
+        lengths = torch.tensor([len(a) for a in chunk], dtype=torch.float32, device=device)
+        logp = first[torch.tensor([a[0] for a in chunk], device=device)]
+        if any(len(a) > 1 for a in chunk):
+            ids, positions, mask, targets, owner = packed_answers(chunk, n_prompt, device)
+            if _attn_implementation(model) != "sdpa":  # eager and others add the mask to the attention logits
+                mask = torch.zeros(mask.shape, dtype=first.dtype, device=device).masked_fill(~mask, -torch.inf)
+            logits = _forward(model, cache, input_ids=ids, position_ids=positions, attention_mask=mask).logits[0]
+            logits = logits.float()
+            token_logp = logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+            logp = logp.index_add(0, owner, token_logp)
+            cache.crop(-ids.shape[1])  # the next chunk sees the prompt only (negative: tokens to drop)
         scores.append(logp / lengths)
     out = torch.cat(scores).float()
     return out if keep_graph else out.cpu()

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import zlib
+from contextlib import contextmanager
 from logging import getLogger
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,7 +156,10 @@ class LoraSettings:
     batch_size: int = 8
     grad_accum: int = 16
     clip_grad_norm: float = 1.0
-    bf16: bool = False  # autocast on CPU (always on CUDA)
+    bf16: bool = False  # autocast on CPU (always on CUDA), frozen weights held in bf16 while training
+    tokens_per_pass: int = 0  # padded tokens per forward/backward pass (0 = the whole batch in one pass)
+    gradient_checkpointing: bool = False
+    length_buckets: int = 0  # sort prompts by length within windows of this many batches (0 = off)
     seed: int = 2020
     extra: dict = field(default_factory=dict)
 
@@ -168,7 +172,9 @@ class LoraSettings:
                    weight_decay=float(config["weight_decay"] or 0.0), epochs=int(config["epochs"]),
                    batch_size=int(config["train_batch_size"]), grad_accum=int(config["gradient_accumulation_steps"]),
                    clip_grad_norm=float(config["lora_clip_grad_norm"] or 0.0), bf16=bool(config["train_bf16"]),
-                   seed=int(config["seed"]))
+                   tokens_per_pass=int(config["train_tokens_per_pass"] or 0),
+                   gradient_checkpointing=bool(config["gradient_checkpointing"]),
+                   length_buckets=int(config["train_length_buckets"] or 0), seed=int(config["seed"]))
 
     def lora_config(self):
         from peft import LoraConfig
@@ -195,9 +201,70 @@ def autocast(device, bf16):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def batches(samples, batch_size, seed, epoch):
-    order = np.random.default_rng([int(seed), 11, int(epoch)]).permutation(len(samples))
-    return [[samples[i] for i in order[s:s + batch_size]] for s in range(0, len(samples), batch_size)]
+def batches(samples, batch_size, seed, epoch, lengths=None, buckets=0):
+    """Seeded batches of one epoch. With ``lengths`` and ``buckets``: the shuffled prompts are sorted by length
+    within windows of ``buckets`` batches (little padding), and the batches are shuffled again."""
+    rng = np.random.default_rng([int(seed), 11, int(epoch)])
+    order = rng.permutation(len(samples))
+    if lengths is not None and buckets > 1:
+        window = batch_size * int(buckets)
+        order = np.concatenate([sorted(order[w:w + window], key=lambda i: lengths[i])
+                                for w in range(0, len(order), window)]) if len(order) else order
+    groups = [order[s:s + batch_size] for s in range(0, len(samples), batch_size)]
+    if lengths is not None and buckets > 1:
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+    return [[samples[i] for i in g] for g in groups]
+
+
+def passes(encoded, tokens_per_pass):
+    """``encoded`` split, in order, into runs whose padded size (rows x longest) stays within ``tokens_per_pass``
+    (a run holds at least one prompt; 0 = one run)."""
+    if not tokens_per_pass:
+        return [encoded] if encoded else []
+    out, run, width = [], [], 0
+    for e in encoded:
+        w = max(width, len(e[0]))
+        if run and w * (len(run) + 1) > tokens_per_pass:
+            out.append(run)
+            run, w = [], len(e[0])
+        run.append(e)
+        width = w
+    return out + ([run] if run else [])
+
+
+def answer_tokens(encoded):
+    return sum(t != IGNORE_INDEX for t in encoded[1])
+
+
+@contextmanager
+def frozen_weights_as(model, dtype):
+    """Frozen floating-point weights held in ``dtype`` inside the block and restored bit for bit after it: autocast
+    would otherwise re-cast every frozen weight in every step. LoRA weights (trainable) keep their dtype."""
+    saved = []
+    if dtype is not None:
+        for p in model.parameters():
+            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                saved.append((p, p.data))
+                p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
+@contextmanager
+def checkpointing(model, enabled):
+    """Gradient checkpointing inside the block (recompute each layer's activations in backward; scoring after it
+    needs the key/value cache, which checkpointing turns off)."""
+    if not enabled:
+        yield
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
 
 
 class LoraLearner:
@@ -214,6 +281,7 @@ class LoraLearner:
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, math.ceil(settings.warmup_ratio * self.total_steps), self.total_steps)
         self.tokens = 0  # non-pad tokens seen (for speed reports)
+        self._encoded = {}
 
     def epoch(self, samples, builder, domains, epoch, progress=False, desc="training LoRA"):
         """One pass over ``samples``; returns the mean answer-token loss."""
@@ -222,34 +290,47 @@ class LoraLearner:
         model, s = self.model, self.settings
         device = next(model.parameters()).device
         pad_id = builder.tokenizer.pad_token_id
-        model.train()
         total, count = 0.0, 0
-        groups = batches(samples, s.batch_size, s.seed, epoch)
+        encoded = self._encoded  # prompts are tokenised once, not once per epoch
+        for x in samples:
+            if x not in encoded:
+                encoded[x] = encode_sample(x, builder, domains)
+        lengths = [len(encoded[x][0]) for x in samples] if s.length_buckets > 1 else None
+        groups = batches(samples, s.batch_size, s.seed, epoch, lengths, s.length_buckets)
+        low = torch.bfloat16 if (device.type == "cuda" or s.bf16) else None
         self.optimizer.zero_grad(set_to_none=True)
-        for i, group in enumerate(tqdm(groups, desc=f"{desc} epoch {epoch}", unit="batch", disable=not progress)):
-            # data-parallel runs: this process's shard of the global batch, weighted by its share of answer tokens
-            # (one process: the whole batch, weight 1); gradients are summed over processes before each step
-            mine, weight = distributed.shard_batch([encode_sample(x, builder, domains) for x in group],
-                                                   size=lambda e: sum(t != IGNORE_INDEX for t in e[1]))
-            count += 1
-            if mine:
-                batch = {k: v.to(device) for k, v in collate(mine, pad_id).items()}
-                with autocast(device, s.bf16):
-                    loss = answer_loss(model, batch)
-                if not torch.isfinite(loss):
-                    raise ValueError(f"training loss is {loss.item()} at epoch {epoch}, batch {i}")
-                (loss * weight / s.grad_accum).backward()
-                self.tokens += int(batch["attention_mask"].sum())
-                total += loss.item() * weight
-            if (i + 1) % s.grad_accum == 0 or i + 1 == len(groups):
-                distributed.all_reduce_grads(self.params)
-                if s.clip_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self.params, s.clip_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+        model.train()
+        with frozen_weights_as(model, low), checkpointing(model, s.gradient_checkpointing):
+            for i, group in enumerate(tqdm(groups, desc=f"{desc} epoch {epoch}", unit="batch",
+                                           disable=not progress)):
+                # data-parallel runs: this process's shard of the global batch, weighted by its share of answer
+                # tokens (one process: the whole batch, weight 1); gradients are summed over processes before each
+                # step. Within a shard, passes of at most tokens_per_pass padded tokens, weighted the same way.
+                mine, weight = distributed.shard_batch([encoded[x] for x in group], size=answer_tokens)
+                count += 1
+                mine_tokens = max(1, sum(answer_tokens(e) for e in mine))
+                for run in passes(mine, s.tokens_per_pass):
+                    share = weight * sum(answer_tokens(e) for e in run) / mine_tokens
+                    batch = {k: v.to(device) for k, v in collate(run, pad_id).items()}
+                    with autocast(device, s.bf16):
+                        loss = answer_loss(model, batch)
+                    if not torch.isfinite(loss):
+                        raise ValueError(f"training loss is {loss.item()} at epoch {epoch}, batch {i}")
+                    (loss * share / s.grad_accum).backward()
+                    self.tokens += int(batch["attention_mask"].sum())
+                    total += loss.item() * share
+                if (i + 1) % s.grad_accum == 0 or i + 1 == len(groups):
+                    self._step()
         model.eval()
         return distributed.all_reduce_sum(total) / max(count, 1)
+
+    def _step(self):
+        distributed.all_reduce_grads(self.params)
+        if self.settings.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.settings.clip_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def train_lora(peft_model, samples, builder, domains, settings, progress=False, logger=None, desc="training LoRA"):

@@ -1,0 +1,120 @@
+"""The lean LLM path (issue 14.1-2): passes within a token budget, bf16-held frozen weights, length buckets,
+gradient checkpointing and packed-answer scoring each leave the numbers of the plain path unchanged."""
+import pytest
+import torch
+
+from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer, tiny_llama
+from recbole_weaverec.model.llm.prompts import PromptBuilder
+from recbole_weaverec.model.llm.scoring import naive_scores, packed_answers, score_candidates
+from recbole_weaverec.model.llm.training import (DomainData, LoraLearner, LoraSettings, Sample, add_lora, batches,
+                                                 frozen_weights_as, passes)
+
+TITLES = ["", "Red wooden toy train with four wagons", "Blue puzzle cube", "Plush teddy bear large",
+          "Magnetic alphabet letters for kids", "Board game of strategy", "Watercolor paint set 24 colours",
+          "Remote control racing car", "Dollhouse furniture kit"]
+SAMPLES = [Sample("toys", (1, 2, 3), 4, (4, 5, 6)), Sample("toys", (2, 3), 7, (8, 7, 1)),
+           Sample("toys", (5,), 6, (6, 2, 3)), Sample("toys", (1, 4, 6, 8), 2, (2, 3, 5, 7, 8)),
+           Sample("toys", (7,), 1, (1, 8))]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(str(embedded_folder()))
+
+
+def trained(tokenizer, **kw):
+    base = dict(r=4, alpha=8, dropout=0.0, learning_rate=1e-2, warmup_ratio=0.0, epochs=1, batch_size=5,
+                grad_accum=1, seed=3)
+    base.update(kw)
+    model = add_lora(tiny_llama(tokenizer, seed=0), LoraSettings(**base))
+    learner = LoraLearner(model, LoraSettings(**base), len(SAMPLES))
+    loss = learner.epoch(SAMPLES, PromptBuilder(tokenizer, 5, 12, True),
+                         {"toys": DomainData("toys", None, TITLES, len(TITLES))}, 0)
+    return model, loss, learner
+
+
+def lora(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_passes_keep_each_run_within_the_budget_and_in_order():
+    encoded = [([0] * n, [0] * n) for n in (5, 3, 9, 2, 2, 7)]
+    runs = passes(encoded, 12)
+    assert [e for r in runs for e in r] == encoded
+    assert all(len(r) * max(len(e[0]) for e in r) <= 12 or len(r) == 1 for r in runs)
+    assert len(runs) > 1 and passes(encoded, 0) == [encoded]
+
+
+def test_a_batch_split_into_passes_gives_the_same_update(tokenizer):
+    whole, loss1, _ = trained(tokenizer)
+    split, loss2, learner = trained(tokenizer, tokens_per_pass=150)
+    a, b = lora(whole), lora(split)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert loss1 == pytest.approx(loss2, rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_update_and_is_switched_off_after(tokenizer):
+    plain, _, _ = trained(tokenizer)
+    checked, _, _ = trained(tokenizer, gradient_checkpointing=True)
+    for k, v in lora(plain).items():
+        assert torch.allclose(v, lora(checked)[k], atol=1e-6), k
+    assert not checked.get_base_model().is_gradient_checkpointing  # scoring needs the KV cache again
+
+
+def test_bf16_training_moves_lora_and_gives_back_the_fp32_base_bit_for_bit(tokenizer):
+    reference = tiny_llama(tokenizer, seed=0).state_dict()
+    model, loss, _ = trained(tokenizer, bf16=True)
+    assert loss > 0
+    assert any(v.abs().sum() > 0 for k, v in lora(model).items() if "lora_B" in k)
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32, name
+        if not p.requires_grad:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p, reference[key]), name
+
+
+def test_frozen_weights_as_restores_on_error(tokenizer):
+    model = tiny_llama(tokenizer, seed=0).requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError):
+        with frozen_weights_as(model, torch.bfloat16):
+            assert next(model.parameters()).dtype == torch.bfloat16
+            raise RuntimeError("stop")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_length_buckets_cover_every_sample_once_and_cut_padding():
+    samples = list(range(64))
+    lengths = [(i * 37) % 101 for i in samples]
+    plain = batches(samples, 4, seed=1, epoch=0)
+    bucketed = batches(samples, 4, seed=1, epoch=0, lengths=lengths, buckets=8)
+    assert sorted(x for b in bucketed for x in b) == samples
+    assert bucketed == batches(samples, 4, seed=1, epoch=0, lengths=lengths, buckets=8)  # seeded
+
+    def padding(groups):
+        return sum(len(g) * max(lengths[i] for i in g) - sum(lengths[i] for i in g) for g in groups)
+
+    assert padding(bucketed) < padding(plain) / 2
+
+
+def test_packed_mask_lets_each_answer_see_the_prompt_and_itself_only():
+    ids, positions, mask, targets, owner = packed_answers([[5, 6, 7], [8], [9, 10]], n_prompt=4, device="cpu")
+    assert ids.tolist() == [[5, 6, 9]] and targets.tolist() == [6, 7, 10] and owner.tolist() == [0, 0, 2]
+    assert positions.tolist() == [[4, 5, 4]]  # each answer continues right after the prompt
+    m = mask[0, 0].int().tolist()
+    assert m == [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_scoring_equals_one_forward_per_candidate(tokenizer, attn):
+    model = tiny_llama(tokenizer, seed=1)
+    model.config._attn_implementation = attn
+    b = PromptBuilder(tokenizer, 5, 12, True)
+    prompt = b.prompt_ids(TITLES[1:4], TITLES[4:9])
+    answers = [b.answer_ids(t) for t in TITLES[1:]] + [[tokenizer.eos_token_id]]
+    slow = naive_scores(model, prompt, answers)
+    for chunk in (2, 64):
+        fast = score_candidates(model, prompt, answers, chunk_size=chunk)
+        assert torch.allclose(fast, slow, atol=1e-5), (chunk, (fast - slow).abs().max())
