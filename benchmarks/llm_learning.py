@@ -78,7 +78,7 @@ def common(args):
     return {"data_path": args.data_path, "eval_mode": "uni29", "metrics": ["NDCG", "Hit", "MRR"],
             "topk": [1, 5, 10], "valid_metric": "NDCG@5", "eval_sample_users": args.users, "seed": 2020,
             "show_progress": False, "checkpoint_dir": str(Path(args.workdir) / "saved"),
-            "title_fallback_field": "brand"}  # amazon-sports has items titled "null"
+            "title_fallback_field": "categories"}  # amazon-sports has items titled "null", some without a brand
 
 
 def setup(model, args, extra):

@@ -22,6 +22,9 @@ exactly once; the function installed keeps RecBole's original as ``__wrapped__``
 8. ``recbole.quick_start.load_data_and_model`` (an import hook, so that importing this package never imports
    ``recbole.quick_start``, which imports ray): RecBole's function cannot read the plain-dict checkpoints, so it is
    ``quick_start.load_data_and_model``.
+9. ``Pop.calculate_loss`` (replaced; ``Pop.__init__`` wrapped to keep the label field): RecBole's indexed
+   assignment counts an item once per batch, and counts the sampled negatives of pointwise batches; here every
+   positive training interaction counts once (``index_add_``).
 """
 import importlib.machinery
 import sys
@@ -172,6 +175,35 @@ def install_quick_start_hook():
         sys.meta_path.insert(0, _QuickStartHook())
 
 
+# --- recbole.model.general_recommender.pop ------------------------------------------------------------------------
+def _pop_init(self, config, dataset):
+    _pop_init.__wrapped__(self, config, dataset)
+    self.label_field = config["LABEL_FIELD"]
+
+
+def _pop_calculate_loss(self, interaction):
+    """Every positive training interaction counted once. RecBole's ``item_cnt[item] = item_cnt[item] + 1`` is an
+    indexed assignment: an item appearing several times in one batch is counted once, so with large batches Pop
+    ranks items by the number of batches they appear in; and the sampled negatives of a pointwise batch (label 0)
+    were counted as interactions."""
+    item = interaction[self.ITEM_ID]
+    if self.label_field in interaction.interaction:
+        item = item[interaction[self.label_field] > 0]
+    self.item_cnt.index_add_(0, item, torch.ones(len(item), 1, dtype=self.item_cnt.dtype, device=item.device))
+    self.max_cnt = torch.max(self.item_cnt, dim=0)[0]
+    return torch.nn.Parameter(torch.zeros(1)).to(self.device)
+
+
+def install_pop_patch():
+    from recbole.model.general_recommender.pop import Pop
+
+    if vars(Pop)["calculate_loss"] is not _pop_calculate_loss:
+        for name, new in (("__init__", _pop_init), ("calculate_loss", _pop_calculate_loss)):
+            new.__wrapped__ = vars(Pop)[name]
+            setattr(Pop, name, new)
+
+
 def install():
     install_trainer_patches()
     install_quick_start_hook()
+    install_pop_patch()

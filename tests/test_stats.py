@@ -38,3 +38,24 @@ def test_per_user_metrics_average_to_recbole_results(tmp_path, monkeypatch, mode
     assert set(users.tolist()) == set(test._dataset.inter_feat[config["USER_ID_FIELD"]].numpy().tolist())
     for key in ("ndcg@1", "ndcg@5", "hit@5", "mrr@5"):
         assert values[key].mean() == pytest.approx(expected[key], abs=1e-4), key
+
+
+def test_pop_counts_every_interaction_whatever_the_batch_size(tmp_path, monkeypatch):
+    """RecBole's Pop counted an item once per batch (patches.py); now its counts are the training interactions."""
+    import torch
+
+    from recbole_weaverec.quick_start import build_config, get_trainer_class, prepare
+
+    monkeypatch.chdir(tmp_path)
+    data = write_tiny_dataset(tmp_path / "data", n_users=30)
+    counts = []
+    for batch in (1, 4096):
+        config = build_config("Pop", "tiny", config_dict={"data_path": str(data), "train_batch_size": batch,
+                                                          "epochs": 1, "show_progress": False})
+        _, train, valid, _ = prepare(config)
+        net = config.model_class(config, train._dataset)
+        get_trainer_class(config, config.model_class)(config, net).fit(train, None, saved=False)
+        counts.append(net.item_cnt.flatten())
+    items = train._dataset.inter_feat[config["ITEM_ID_FIELD"]]
+    expected = torch.bincount(items, minlength=train._dataset.item_num)
+    assert torch.equal(counts[0], expected) and torch.equal(counts[1], expected) and expected.max() > 1

@@ -245,6 +245,28 @@ def test_default_adapter_folder_depends_on_the_training_settings(data, llm_folde
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------
+def test_comparison_rows_equal_llmrec_untrained_and_recbole_pop(data, llm_folder, tmp_path, monkeypatch):
+    """The main job's table: θ0, zero-shot and Pop on WeaveRec's users and candidates equal separate runs."""
+    from recbole_weaverec.model.llm.backbone import load_backbone
+    from recbole_weaverec.quick_start import run
+
+    monkeypatch.chdir(tmp_path)
+    common = {"data_path": str(data), "eval_mode": "uni29", "metrics": ["NDCG", "Hit"], "topk": [1, 5],
+              "valid_metric": "NDCG@5", "eval_sample_users": 8, "show_progress": False}
+    llm = {**SMALL, **common, "llm_path": llm_folder, "adapter_dir": str(tmp_path / "adapters")}
+    out = run("WeaveRec", "toys", config_dict={**llm, "source_domains": ["beauty"]})
+    assert set(out) >= {"target_only_test_result", "zero_shot_test_result", "pop_test_result"}
+    pop = run("Pop", "toys", config_dict=common)["test_result"]
+    assert out["pop_test_result"] == pop
+    theta0 = run("LLMRec", "toys", config_dict={**llm, "adapter_paths": {"toys": str(tmp_path / "adapters" / "toys")}})
+    assert out["target_only_test_result"] == theta0["test_result"]
+    model, _, _ = load_backbone(llm_folder)
+    untrained = str(save_adapter(add_lora(model, LoraSettings(r=4, alpha=8)), tmp_path / "untrained"))
+    zero = run("LLMRec", "toys", config_dict={**llm, "adapter_paths": {"toys": untrained}})
+    assert out["zero_shot_test_result"] == zero["test_result"]
+    assert out["zero_shot_test_result"] != out["target_only_test_result"]  # θ0 moved the model
+
+
 def test_bad_input_is_refused_in_one_line(data, llm_folder):
     from recbole_weaverec.quick_start import build_config
 
@@ -288,7 +310,7 @@ def test_cli_end_to_end_on_two_shared_domains(tmp_path, llm_folder):
     log = out.stdout + out.stderr
     assert "training LoRA amazon-toys~amazon-beauty:" in log and "training LoRA amazon-toys:" in log
     assert "merged 2 WeaveRec modules (average" in log
-    assert "WeaveRec vs LLMRec (θ0 alone, folded) on the same 3 test users" in log and "test result" in log
+    assert "WeaveRec vs θ0 (LLMRec) vs zero-shot vs Pop on the same 3 test users" in log and "test result" in log
     root = next((tmp_path / "saved" / "weaverec-adapters").iterdir())
     assert sorted(p.name for p in root.iterdir()) == ["amazon-toys", "amazon-toys~amazon-beauty"]
     # rerun: both modules reused, nothing trained

@@ -76,6 +76,7 @@ def item_titles(dataset, field="title", fallback=None):
     if len(empty):
         example = dataset.id2token(dataset.iid_field, int(empty[0]))
         raise MissingTextFieldError(
-            f"{len(empty)} item(s) of dataset {dataset.dataset_name!r} have an empty {field!r} (e.g. item "
-            f"{example}); set a fallback text field (title_fallback_field) or fix the item file")
+            f"{len(empty)} item(s) of dataset {dataset.dataset_name!r} have an empty {field!r}"
+            + (f" and an empty {fallback!r}" if fallback else "") + f" (e.g. item {example}); set "
+            + ("another" if fallback else "a") + " fallback text field (title_fallback_field) or fix the item file")
     return list(titles)

@@ -69,8 +69,16 @@ class WeaveTrainer(LLMTrainer):
             return result
         with model.target_only():
             alone = super().evaluate(eval_data, False, model_file, show_progress)
+        rows = {"WeaveRec": result, "θ0 (LLMRec)": alone}
         model.extra_results = {"target_only_test_result": alone}
-        self.logger.info(model.comparison_table(result, alone, eval_data))
+        if model.config["weave_compare_baselines"]:  # where the demo stands: the untrained LLM and popularity
+            with model.zero_shot():
+                rows["zero-shot"] = model.extra_results["zero_shot_test_result"] = \
+                    super().evaluate(eval_data, False, model_file, show_progress)
+            with model.popularity():
+                rows["Pop"] = model.extra_results["pop_test_result"] = \
+                    super().evaluate(eval_data, False, model_file, show_progress)
+        self.logger.info(model.comparison_table(rows, eval_data))
         return result
 
 
@@ -98,6 +106,7 @@ class WeaveRec(LLMMerge):
         check_int(config, "weave_learn_users", low=1)
         check_number(config, "weave_learn_lr", low=0, low_open=True)
         check_bool(config, "weave_compare_target_only")
+        check_bool(config, "weave_compare_baselines")
         given = config["weave_weights"]
         k = len(sources) + 1
         if config["weave_merge"] == "weights":
@@ -116,6 +125,7 @@ class WeaveRec(LLMMerge):
         self.merge_weights = None  # [K] mean mixing weights actually used (per module for `learned`)
         self._base_weights = None  # W0 of the adapted weights, kept only for the θ0 comparison
         self._deltas = None
+        self._popularity = None  # set inside popularity(): training-split counts of each item as the score
 
     # --- modules ------------------------------------------------------------------------------------------------
     @classmethod
@@ -263,13 +273,48 @@ class WeaveRec(LLMMerge):
         return merged
 
     # --- θ0 alone, for the side-by-side comparison ----------------------------------------------------------------
-    @contextlib.contextmanager
     def target_only(self):
         """The model computes with W0 + ΔW(θ0) inside, and with W0 + merged ΔW again afterwards (both folded
         the same way from the saved W0, so the merged model is restored exactly)."""
         if self._base_weights is None:
             raise RuntimeError("target_only() needs weave_compare_target_only (W0 is not kept otherwise)")
-        theta0, merged = self._deltas
+        return self._folded_with(self._deltas[0])
+
+    def zero_shot(self):
+        """The base model alone (W0, no module) inside; the merged model again afterwards."""
+        if self._base_weights is None:
+            raise RuntimeError("zero_shot() needs weave_compare_target_only (W0 is not kept otherwise)")
+        return self._folded_with({})
+
+    @contextlib.contextmanager
+    def popularity(self):
+        """Inside: each candidate's score is its count among the training split's target items (Pop on the same
+        users and candidates); the LLM is not run."""
+        feat = self.target.train.inter_feat
+        # every training interaction once, as RecBole's Pop counts them: the prefixes' targets, plus each user's
+        # first item (the history of that user's one-item prefix), which is never a target
+        firsts = feat[self.ITEM_SEQ][feat[self.ITEM_SEQ_LEN] == 1, 0]
+        items = torch.cat([feat[self.ITEM_ID], firsts]).long()
+        self._popularity = torch.bincount(items, minlength=self.n_items).float()
+        try:
+            yield self
+        finally:
+            self._popularity = None
+
+    def predict(self, interaction):
+        if self._popularity is not None:
+            return self._popularity[interaction[self.ITEM_ID].long().cpu()].to(self.device)
+        return super().predict(interaction)
+
+    def full_sort_predict(self, interaction):
+        if self._popularity is not None:
+            n = len(interaction[self.ITEM_SEQ])
+            return self._popularity.repeat(n).to(self.device)
+        return super().full_sort_predict(interaction)
+
+    @contextlib.contextmanager
+    def _folded_with(self, deltas):
+        _, merged = self._deltas
 
         def refold(deltas):
             with torch.no_grad():
@@ -277,18 +322,20 @@ class WeaveRec(LLMMerge):
                     self.llm.get_submodule(key).weight.copy_(w0)
             merging.fold_deltas(self.llm, deltas)
 
-        refold(theta0)
+        refold(deltas)
         try:
             yield self
         finally:
             refold(merged)
 
-    def comparison_table(self, weave, alone, eval_data):
+    def comparison_table(self, rows, eval_data):
+        """One table: a column per model of ``rows`` ({label: RecBole result}), a line per metric."""
         users = len(set(eval_data._dataset.inter_feat[self.USER_ID].tolist()))
-        lines = [f"WeaveRec vs LLMRec (θ0 alone, folded) on the same {users} test users and candidates:",
-                 f"{'metric':<10} {'WeaveRec':>9} {'LLMRec':>9}"]
-        for metric, value in weave.items():
-            lines.append(f"{metric:<10} {value:>9.4f} {alone[metric]:>9.4f}")
+        width = max(12, *(len(k) + 1 for k in rows))
+        lines = [f"{' vs '.join(rows)} on the same {users} test users and candidates:",
+                 f"{'metric':<10}" + "".join(f"{k:>{width}}" for k in rows)]
+        for metric in next(iter(rows.values())):
+            lines.append(f"{metric:<10}" + "".join(f"{r[metric]:>{width}.4f}" for r in rows.values()))
         return "\n".join(lines)
 
     def num_parameters(self):
