@@ -24,7 +24,6 @@ import torch  # noqa: E402
 
 from benchmarks.results import write_section  # noqa: E402
 from recbole_weaverec import compat  # noqa: E402,F401
-from recbole_weaverec.model.llm.scoring import naive_scores, score_candidates  # noqa: E402
 
 
 def matmul_peak(dtype, n=2048, reps=6):
@@ -47,78 +46,190 @@ def linear_params(model):
     return body, head
 
 
-def speed(args):
+@torch.inference_mode()
+def old_scores(model, prompt_ids, answers, pad_id):
+    """The scoring path before issue 14: the prompt's KV cache copied once per candidate, right-padded answers."""
+    import copy
+
+    from transformers import DynamicCache
+
+    prompt = torch.tensor([list(prompt_ids)])
+    out = model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+    cache, n = copy.deepcopy(out.past_key_values), prompt.shape[1]
+    lengths = torch.tensor([len(a) for a in answers])
+    ids = torch.full((len(answers), int(lengths.max())), pad_id)
+    for i, a in enumerate(answers):
+        ids[i, :len(a)] = torch.tensor(a)
+    cache.batch_repeat_interleave(len(answers))
+    inputs = ids[:, :-1]
+    positions = torch.arange(n, n + inputs.shape[1]).expand_as(inputs)
+    logits = model(input_ids=inputs, past_key_values=cache, position_ids=positions, use_cache=True).logits
+    token_logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    mask = torch.arange(1, ids.shape[1])[None, :] < lengths[:, None]
+    return (first[ids[:, 0]] + (token_logp * mask).sum(1)) / lengths
+
+
+TRAIN_VARIANTS = [  # (label, config overrides): each measured in its own process (peak RSS is per process)
+    ("fp32, LoRA dropout 0.05, whole batch per pass (the old default)",
+     {"train_bf16": False, "lora_dropout": 0.05, "train_tokens_per_pass": None, "train_length_buckets": 0}),
+    ("bf16-held frozen weights + autocast, dropout 0.05",
+     {"lora_dropout": 0.05, "train_tokens_per_pass": None, "train_length_buckets": 0}),
+    ("bf16, dropout 0, whole batch, no buckets", {"train_tokens_per_pass": None, "train_length_buckets": 0}),
+    ("bf16, dropout 0, 1024 tokens/pass, buckets of 8 (the default)", {}),
+    ("the default + gradient checkpointing", {"gradient_checkpointing": True}),
+    ("gradient checkpointing, 2048 tokens/pass", {"gradient_checkpointing": True, "train_tokens_per_pass": 2048}),
+    ("gradient checkpointing, whole batch (batch 8)", {"gradient_checkpointing": True, "train_tokens_per_pass": None,
+                                                       "train_batch_size": 8}),
+]
+SCORE_VARIANTS = [("old path: cache copied per candidate (fp32)", "old", {}),
+                  ("packed answers, one uncopied cache (fp32, the default)", "new", {}),
+                  ("packed answers (llm_dtype: bfloat16)", "new", {"llm_dtype": "bfloat16"})]
+
+
+def _model(args, overrides):
     from recbole_weaverec.model.llm.llmrec import LLMRec
-    from recbole_weaverec.model.llm.training import LoraLearner, collate, encode_sample
     from recbole_weaverec.quick_start import build_config, prepare
 
-    config = build_config("LLMRec", args.speed_dataset, config_dict={"show_progress": False,
-                                                                      "llm_path": args.llm_path})
+    config = build_config("LLMRec", args.speed_dataset, config_dict={
+        "show_progress": False, "llm_path": args.llm_path, "max_train_samples": args.speed_samples, **overrides})
     _, train_data, _, _ = prepare(config)
-    model = LLMRec(config, train_data._dataset)
+    return LLMRec(config, train_data._dataset)
+
+
+def _peak_gb():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def train_probe(args, overrides):
+    """One training variant in this process: non-pad tokens/s, padded share, peak RSS, FLOP rate."""
+    from recbole_weaverec.model.llm.training import LoraLearner
+
+    model = _model(args, overrides)
     body, head = linear_params(model.llm)
-    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    samples = model.samples[:args.speed_samples]
-    rows = []
-    for bf16 in (False, True):
-        model.settings.bf16 = bf16
-        learner = LoraLearner(model.llm, model.settings, len(samples))
-        enc = [encode_sample(s, model.builder, model.domains) for s in samples]
-        answers = sum(sum(1 for y in lab if y != -100) + 1 for _, lab in enc)
-        start = time.perf_counter()
-        learner.epoch(samples, model.builder, model.domains, epoch=0)
-        seconds = time.perf_counter() - start
-        tokens = learner.tokens
-        # frozen base: forward (2 FLOP/param/token) + input gradients (2); the LM head runs on answer positions only
-        flops = 4 * body * tokens + 4 * head * answers
-        peak = peak16 if bf16 else peak32
-        rows.append((f"LoRA training ({'bf16 autocast' if bf16 else 'fp32'}), batch {model.settings.batch_size}",
-                     f"{tokens / seconds:.1f} tokens/s", f"{flops / seconds / 1e9:.1f}", f"{peak:.0f}",
-                     f"{flops / seconds / 1e9 / peak:.0%}"))
+    learner = LoraLearner(model.llm, model.settings, len(model.samples))
+    start = time.perf_counter()
+    learner.epoch(model.samples, model.builder, model.domains, epoch=0)
+    seconds = time.perf_counter() - start
+    answers = sum(sum(1 for y in lab if y != -100) for _, lab in learner._encoded.values())
+    flops = 4 * body * learner.tokens + 4 * head * answers  # frozen base: forward + input gradients
+    return {"tok_s": learner.tokens / seconds, "gflops": flops / seconds / 1e9, "peak_gb": _peak_gb(),
+            "bf16": model.settings.bf16, "prompt_tokens": learner.tokens / len(model.samples)}
+
+
+def score_probe(args, path, overrides):
+    """One scoring variant: s/user over ``speed_users`` users (30 candidates), peak RSS, the scores."""
+    from recbole_weaverec.model.llm.scoring import score_candidates
+
+    model = _model(args, {"max_train_samples": args.speed_users, **overrides})
     model.fold()
-    users = model.samples[:args.speed_users]
+    users = [_prompt_and_answers(model, s) for s in model.samples]
+    body, head = linear_params(model.llm)
+    score = (lambda p, a: old_scores(model.llm, p, a, model.tokenizer.pad_token_id)) if path == "old" else \
+        (lambda p, a: score_candidates(model.llm, p, a))
+    score(*users[0])  # warm-up
+    start = time.perf_counter()
+    scores = [score(p, a).float().tolist() for p, a in users]
+    seconds = (time.perf_counter() - start) / len(users)
+    tokens = sum(len(p) + sum(len(a) for a in ans) for p, ans in users) / len(users)
+    answer_tokens = sum(sum(len(a) for a in ans) for _, ans in users) / len(users)
+    flops = 2 * body * tokens + 2 * head * answer_tokens
+    return {"s_user": seconds, "gflops": flops / seconds / 1e9, "peak_gb": _peak_gb(), "scores": scores,
+            "bf16": overrides.get("llm_dtype") == "bfloat16", "prompt_tokens": tokens - answer_tokens}
+
+
+def naive_probe(args, n_users):
+    from recbole_weaverec.model.llm.scoring import naive_scores
+
+    model = _model(args, {"max_train_samples": args.speed_users})
+    model.fold()
+    return {"scores": [naive_scores(model.llm, *_prompt_and_answers(model, s)).tolist()
+                       for s in model.samples[:n_users]]}
+
+
+def _prompt_and_answers(model, s):
     titles = model.target.titles
+    listed = list(s.candidates)
+    prompt = model.builder.prompt_ids([titles[i] for i in s.history], [titles[i] for i in listed])
+    return prompt, [model.builder.answer_ids(titles[c]) for c in listed]
 
-    def prompt_and_answers(s):
-        listed = list(s.candidates)
-        prompt = model.builder.prompt_ids([titles[i] for i in s.history], [titles[i] for i in listed])
-        return prompt, [model.builder.answer_ids(titles[c]) for c in listed]
 
-    start = time.perf_counter()
-    prompt_tok = cand_tok = 0
-    for s in users:
-        prompt, answers = prompt_and_answers(s)
-        score_candidates(model.llm, prompt, answers, pad_id=model.tokenizer.pad_token_id)
-        prompt_tok += len(prompt)
-        cand_tok += sum(len(a) for a in answers)
-    kv_s = (time.perf_counter() - start) / len(users)
-    flops = (2 * body * (prompt_tok + cand_tok) + 2 * head * (len(users) + cand_tok)) / len(users)
-    rows.append(("scoring 30 candidates, KV cache (fp32)", f"{1 / kv_s:.3f} users/s ({kv_s:.2f} s/user)",
-                 f"{flops / kv_s / 1e9:.1f}", f"{peak32:.0f}", f"{flops / kv_s / 1e9 / peak32:.0%}"))
-    naive_users = [prompt_and_answers(s) for s in users[:args.naive_users]]
-    start = time.perf_counter()
-    slow = [naive_scores(model.llm, prompt, answers) for prompt, answers in naive_users]
-    naive_s = (time.perf_counter() - start) / len(naive_users)
-    max_diff = max(float((x - score_candidates(model.llm, p, a)).abs().max()) for x, (p, a) in zip(slow, naive_users))
-    rows.append(("scoring 30 candidates, 30 separate forwards (fp32)", f"{1 / naive_s:.3f} users/s "
-                 f"({naive_s:.2f} s/user)", "", "", ""))
-    table = ["| what | speed | achieved GFLOP/s | matmul peak GFLOP/s | achieved/bound |", "|---|---|---|---|---|"]
-    table += ["| " + " | ".join(r) + " |" for r in rows]
-    body_md = "\n".join(table) + f"""
+def _in_subprocess(args, probe, spec):
+    import subprocess
 
-- Model: {model.base_name} ({body / 1e6:.1f}M decoder Linear + {head / 1e6:.1f}M LM-head parameters),
-  LoRA r={model.settings.r} on all linear layers; prompts from `{args.speed_dataset}` with the default settings
-  (max_history={config['max_history']}, max_title_tokens={config['max_title_tokens']}, 30 candidates listed;
-  mean prompt {prompt_tok / len(users):.0f} tokens, mean answer {cand_tok / len(users) / 30:.1f} tokens).
-- Training: {len(samples)} samples; FLOPs counted as 4 x Linear params per token (forward + input gradients of the
-  frozen base; LoRA's own work is < 4% extra and not counted) + the LM head on answer positions only. Peak = best
-  2048^3 matmul in the same run.
-- KV-cache scoring vs 30 separate forwards: **{naive_s / kv_s:.1f}x** faster on {args.naive_users} users
-  (max |score difference| {max_diff:.1e}); KV timing over {len(users)} users.
-- Load average while measuring (shared 2-core machine): {os.getloadavg()[0]:.1f}.
+    cmd = [sys.executable, __file__, "--probe", json.dumps([probe, spec]), "--speed-dataset", args.speed_dataset,
+           "--speed-samples", str(args.speed_samples), "--speed-users", str(args.speed_users),
+           "--llm-path", args.llm_path]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    line = next((x for x in reversed(out.stdout.splitlines()) if x.startswith("PROBE ")), None)
+    if line is None:
+        raise RuntimeError(f"probe {probe} {spec} failed: {out.stderr[-2000:]}")
+    return json.loads(line[6:])
+
+
+def run_probe(args):
+    probe, spec = json.loads(args.probe)
+    if probe == "train":
+        out = train_probe(args, spec)
+    elif probe == "score":
+        out = score_probe(args, spec[0], spec[1])
+    else:
+        out = naive_probe(args, spec)
+    print("PROBE " + json.dumps(out), flush=True)
+
+
+def agreement(fast, reference):
+    """(max |score difference|, share of users whose whole candidate ranking is identical)."""
+    diffs, same = 0.0, 0
+    for f, r in zip(fast, reference):
+        f, r = torch.tensor(f), torch.tensor(r)
+        diffs = max(diffs, float((f - r).abs().max()))
+        same += bool(torch.equal(torch.argsort(f, descending=True), torch.argsort(r, descending=True)))
+    return diffs, same / len(reference)
+
+
+def speed(args):
+    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    load = os.getloadavg()[0]
+    lines = ["| training variant | non-pad tokens/s | × old | achieved GFLOP/s | of matmul peak | peak RSS |",
+             "|---|---|---|---|---|---|"]
+    old = None
+    for label, overrides in TRAIN_VARIANTS:
+        r = _in_subprocess(args, "train", overrides)
+        old = old or r["tok_s"]
+        peak = peak16 if r["bf16"] else peak32
+        lines.append(f"| {label} | {r['tok_s']:.0f} | {r['tok_s'] / old:.2f} | {r['gflops']:.0f} | "
+                     f"{r['gflops'] / peak:.0%} | {r['peak_gb']:.2f} GB |")
+        print(lines[-1], flush=True)
+    reference = _in_subprocess(args, "naive", args.naive_users)["scores"]
+    lines += ["", "| scoring variant (30 candidates per user) | s/user | × old | achieved GFLOP/s | of matmul peak | "
+              "peak RSS | max \\|Δ score\\| vs fp32 reference | identical rankings |", "|---|---|---|---|---|---|---|---|"]
+    old = None
+    for label, path, overrides in SCORE_VARIANTS:
+        r = _in_subprocess(args, "score", [path, overrides])
+        old = old or r["s_user"]
+        diff, same = agreement(r["scores"][:len(reference)], reference)
+        peak = peak16 if r["bf16"] else peak32
+        lines.append(f"| {label} | {r['s_user']:.2f} | {old / r['s_user']:.2f} | {r['gflops']:.0f} | "
+                     f"{r['gflops'] / peak:.0%} | {r['peak_gb']:.2f} GB | {diff:.1e} | {same:.0%} |")
+        print(lines[-1], flush=True)
+    body = "\n".join(lines) + f"""
+
+- Model: the embedded SmolLM2-135M-Instruct, LoRA r=16 on all linear layers, prompts of `{args.speed_dataset}` with
+  the 30 candidates listed (max_history 5, titles <= 10 tokens; ~{r['prompt_tokens']:.0f} prompt tokens).
+- Training: {args.speed_samples} prompts, batch 4 unless stated, one process per row (peak RSS = the whole process:
+  libraries, dataset, fp32 weights, bf16 copies, activations). FLOPs: 4 x Linear parameters per non-pad token
+  (forward + input gradients of the frozen base) + the LM head on answer tokens; LoRA's own work is not counted.
+- Scoring: {args.speed_users} users per row, adapter folded; the reference is one fp32 forward pass per candidate
+  (`naive_scores`) on {args.naive_users} users. FLOPs: 2 x Linear parameters per prompt and answer token + the LM
+  head on answer tokens.
+- Matmul peaks measured in this run (best 2048^3): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s.
+- Load average before the run: {load:.1f} (2 cores; one job at a time).
 """
-    write_section("LLM core: speed", body_md)
-    print(body_md, flush=True)
+    write_section("LLM core: speed", body)
+    print(body, flush=True)
 
 
 METRICS = ["ndcg@1", "ndcg@3", "ndcg@5", "mrr@5", "hit@1", "hit@5"]
@@ -205,9 +316,10 @@ def main():
     parser.add_argument("--eval-users", type=int, default=20)
     parser.add_argument("--sasrec-epochs", type=int, default=10)
     parser.add_argument("--speed-dataset", default="toys-sample")
-    parser.add_argument("--speed-samples", type=int, default=8)
-    parser.add_argument("--speed-users", type=int, default=4)
-    parser.add_argument("--naive-users", type=int, default=2)
+    parser.add_argument("--speed-samples", type=int, default=48)
+    parser.add_argument("--speed-users", type=int, default=10)
+    parser.add_argument("--naive-users", type=int, default=10)
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--models", default=None, help="comma-separated row labels (prefixes) to run; default all")
     parser.add_argument("--section", default="LLM core: quality at CPU scale", help="RESULTS.md section to write")
@@ -215,6 +327,8 @@ def main():
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     args = parser.parse_args()
+    if args.probe:
+        return run_probe(args)
     if not args.skip_speed:
         speed(args)
     if not args.skip_quality:
