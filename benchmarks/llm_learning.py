@@ -15,6 +15,7 @@ candidates listed in the prompt, as the paper), hist10 (history 10), title6 (tit
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch  # noqa: E402
 from benchmarks.results import write_section  # noqa: E402
 
 SECTION = "LLM learning curve (issue 14.4)"
+REPO_ROWS = Path(__file__).with_name("llm_learning_rows.jsonl")  # the finished rows, kept with the code
 VARIANTS = {
     "short": {"prompt_candidates": False, "max_history": 5, "max_title_tokens": 10},
     "listed": {"prompt_candidates": True, "max_history": 5, "max_title_tokens": 10},
@@ -199,6 +201,7 @@ def report(args, rows):
     speed = [f"{r['variant']} N={r['n']}: {r['tokens'] / r['train_seconds']:.0f} tok/s training, "
              f"{r['s_per_user']:.2f} s/user scoring" for r in llm if r["train_seconds"] > 0]
     n_users = len(llm[0]["users"]) if llm else (len(base[0]["users"]) if base else 0)
+    spans = sorted({f"{r['variant']}: {r['settings']['max_train_samples']}" for r in llm})
     body = "\n".join(table) + f"""
 
 - Target `{args.target}` (whole domain, shared data), test split, uni29 (true next item + 29 sampled, identical for
@@ -207,14 +210,17 @@ def report(args, rows):
   difference".
 - LLMRec: embedded SmolLM2-135M-Instruct, LoRA r=16/α=32 on all linear layers, one training run per variant whose
   cosine schedule spans the largest N (lr {args.lr}, batch {args.batch}, bf16 training, fp32 scoring with the
-  adapter merged); "training prompts" = prompts seen so far. N=0 is the zero-shot model.
+  adapter merged); "training prompts" = prompts seen so far. N=0 is the zero-shot model. Prompts the schedule
+  spans: {", ".join(spans) or "—"} (a curve read before its end is still mid-schedule).
 - Variants: {", ".join(f"{k} = {v}" for k, v in VARIANTS.items())}.
 - Speed: {"; ".join(speed) or "—"}. Load average at the last row: {os.getloadavg()[0]:.1f}.
-- Rows: `{Path(args.workdir) / 'rows.jsonl'}`; resumable (`--workdir` again).
+- Rows: `{Path(args.workdir) / "rows.jsonl"}` (copied to `benchmarks/llm_learning_rows.jsonl`); resumable (`--workdir` again).
 """
     write_section(SECTION, body, command=f"python benchmarks/llm_learning.py --variant {args.variant} "
                                           f"--points {args.points} --users {args.users} --target {args.target}")
     chart(llm, base, Path(__file__).with_name("llm_learning.png"))
+    if rows.path.resolve() != REPO_ROWS.resolve():
+        shutil.copyfile(rows.path, REPO_ROWS)
 
 
 def chart(llm, base, path):
@@ -244,7 +250,10 @@ def main():
     args = parse()
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     os.chdir(args.workdir)
-    rows = Rows(Path(args.workdir) / "rows.jsonl")
+    path = Path(args.workdir) / "rows.jsonl"
+    if not path.exists() and REPO_ROWS.exists():  # a new machine: start from the rows finished elsewhere (without
+        shutil.copyfile(REPO_ROWS, path)  # the saved training state, an unfinished curve retrains from 0)
+    rows = Rows(path)
     if not args.report_only:
         for name in [b for b in args.baselines.split(",") if b and b != "SASRec"]:
             baseline(args, rows, name)

@@ -7,6 +7,9 @@ import logging
 import os
 import re
 
+import math
+import numbers
+
 from recbole_weaverec.errors import ConfigError
 
 STATES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -148,3 +151,47 @@ def warn_typos(external, known):
         if close:
             logging.getLogger("recbole_weaverec").warning(
                 f"unknown config key {key!r} is ignored: did you mean {close[0]!r}?")
+
+
+# --- model settings (one-line errors naming the key, the value and what is allowed) -----------------------------
+def check_number(config, key, low=None, high=None, low_open=False, high_open=False):
+    """A finite real number within the given bounds (open or closed)."""
+    value = config[key]
+    lo = "(" if low_open or low is None else "["
+    hi = ")" if high_open or high is None else "]"  # an open end never includes infinity
+    allowed = f"a number in {lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{key}={value!r} ({type(value).__name__}) is not allowed: expected {allowed}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} is out of range: expected {allowed} (a finite number)")
+    bad = ((low is not None and (value < low or (low_open and value == low)))
+           or (high is not None and (value > high or (high_open and value == high))))
+    if bad:
+        raise ConfigError(f"{key}={value!r} is out of range: expected {allowed}")
+    return value
+
+
+def check_choice(config, key, choices):
+    value = config[key]
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not allowed: expected one of {', '.join(choices)}")
+    return value
+
+
+def check_int(config, key, low=None, allow_none=False):
+    """An integer (not a bool) >= ``low``; None too where ``allow_none``; a missing key reads as None."""
+    value = config[key] if key in config else None
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{key}={value!r} is not allowed: expected an integer"
+                          + (f" >= {low}" if low is not None else "") + (" or null" if allow_none else ""))
+    if low is not None and value < low:
+        raise ConfigError(f"{key}={value!r} is out of range: expected an integer >= {low}")
+    return int(value)
+
+
+def check_bool(config, key):
+    if not isinstance(config[key], bool):
+        raise ConfigError(f"{key}={config[key]!r} is not allowed: expected true or false")
+    return config[key]

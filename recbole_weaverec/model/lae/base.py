@@ -4,45 +4,17 @@ A subclass implements ``solve(G)`` -> the item-item weight matrix B (n x n, zero
 G = XᵀX, in place where it can: only one n x n matrix (plus a Cholesky factor while solving) is ever alive.
 Scores are X_u · B, computed on demand per batch of users.
 """
-import math
-import numbers
-
 import numpy as np
-import scipy.sparse as sp
 import torch
 from recbole.model.abstract_recommender import GeneralRecommender
 from recbole.utils import InputType, ModelType
 
-from recbole_weaverec.config import ConfigError
+from recbole_weaverec.checks import check_choice
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TIE_BREAKS = ("none", "random", "popularity")
 TEST_HISTORIES = ("train", "train_valid")
 TIE_EPS = 1e-6  # relative to a user's largest |score|: far below any real score gap, above float32 rounding of ties
-
-
-def check_number(config, key, low=None, high=None, low_open=False, high_open=False):
-    """One-line error naming the key, the bad value and the allowed range."""
-    value = config[key]
-    lo = "(" if low_open or low is None else "["
-    hi = ")" if high_open or high is None else "]"  # an open end never includes infinity
-    allowed = f"a number in {lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"{key}={value!r} ({type(value).__name__}) is not allowed: expected {allowed}")
-    if not math.isfinite(value):
-        raise ConfigError(f"{key}={value!r} is out of range: expected {allowed} (a finite number)")
-    bad = ((low is not None and (value < low or (low_open and value == low)))
-           or (high is not None and (value > high or (high_open and value == high))))
-    if bad:
-        raise ConfigError(f"{key}={value!r} is out of range: expected {allowed}")
-    return value
-
-
-def check_choice(config, key, choices):
-    value = config[key]
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not allowed: expected one of {', '.join(choices)}")
-    return value
 
 
 def solve_spd_inverse(A):

@@ -1,5 +1,6 @@
 """EASE (Steck, WWW 2019): B = -P·diag(1/diag P), P = (XᵀX + λI)⁻¹, diag(B) = 0."""
-from recbole_weaverec.model.lae.base import LinearAutoencoder, check_number, solve_spd_inverse
+from recbole_weaverec.checks import check_number
+from recbole_weaverec.model.lae.base import LinearAutoencoder, solve_spd_inverse
 
 
 class EASE(LinearAutoencoder):

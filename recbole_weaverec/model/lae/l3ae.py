@@ -15,7 +15,8 @@ import torch
 
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data import itemtext
-from recbole_weaverec.model.lae.base import LinearAutoencoder, check_number
+from recbole_weaverec.checks import check_number
+from recbole_weaverec.model.lae.base import LinearAutoencoder
 from recbole_weaverec.textembed import encode_texts, resolve_encoder_path
 
 ROW_BLOCK = 2048  # rows per block of the in-place products (bounds the extra memory to ROW_BLOCK x n)

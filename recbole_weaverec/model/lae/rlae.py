@@ -4,7 +4,8 @@ G = XᵀX; γ = λ + diag(G)·p/(1−p) (RLAE: p = 0); C = (G + diag γ)⁻¹;
 μ_j = ((1−ξ)/C_jj − γ_j)·1[1 − γ_j·C_jj > ξ]; W = −C·diag(γ + μ); diag(W) = 0.
 ξ relaxes the zero-diagonal constraint (ξ = 0 gives EASE); p is the dropout-derived per-item penalty.
 """
-from recbole_weaverec.model.lae.base import LinearAutoencoder, check_number, solve_spd_inverse
+from recbole_weaverec.checks import check_number
+from recbole_weaverec.model.lae.base import LinearAutoencoder, solve_spd_inverse
 
 
 class RLAE(LinearAutoencoder):

@@ -6,7 +6,6 @@ train; the model's ``state_dict`` (what RecBole's checkpoints hold) is those tra
 base model is never written into a checkpoint. Before the final evaluation the adapter is folded into the base
 weights (``merge_and_unload``), so evaluation costs what the base model costs.
 """
-import numbers
 import os
 from pathlib import Path
 
@@ -15,10 +14,10 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType, ModelType
 
+from recbole_weaverec.checks import check_bool, check_choice, check_int, check_number
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.crossdomain import check_domain_files, domain_list
 from recbole_weaverec.merging import check_adapter_paths
-from recbole_weaverec.model.lae.base import check_choice, check_number
 from recbole_weaverec.model.llm.backbone import load_backbone
 from recbole_weaverec.model.llm.prompts import PromptBuilder
 from recbole_weaverec.model.llm.scoring import score_candidates
@@ -26,24 +25,6 @@ from recbole_weaverec.model.llm.trainer import LLMTrainer
 from recbole_weaverec.model.llm.training import LoraSettings, domain_data
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def check_int(config, key, low=None, allow_none=False):
-    value = config[key] if key in config else None
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ConfigError(f"{key}={value!r} is not allowed: expected an integer"
-                          + (f" >= {low}" if low is not None else "") + (" or null" if allow_none else ""))
-    if low is not None and value < low:
-        raise ConfigError(f"{key}={value!r} is out of range: expected an integer >= {low}")
-    return int(value)
-
-
-def check_bool(config, key):
-    if not isinstance(config[key], bool):
-        raise ConfigError(f"{key}={config[key]!r} is not allowed: expected true or false")
-    return config[key]
 
 
 class FullSortTooLargeError(ConfigError):

@@ -8,7 +8,7 @@ mean). Already-trained per-domain adapters are reused from ``adapter_paths`` (do
 from recbole_weaverec import merging
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.crossdomain import domain_list
-from recbole_weaverec.model.lae.base import check_choice, check_number
+from recbole_weaverec.checks import check_choice, check_number
 from recbole_weaverec.model.llm.base import LLMRecommender
 from recbole_weaverec.model.llm.training import (build_samples, check_adapter_base, ensure_adapter, load_source,
                                                  training_key)

@@ -39,8 +39,7 @@ import torch
 from recbole_weaverec import merging
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.crossdomain import domain_list, raw_data_path
-from recbole_weaverec.model.lae.base import check_choice, check_number
-from recbole_weaverec.model.llm.base import check_bool, check_int
+from recbole_weaverec.checks import check_bool, check_choice, check_int, check_number
 from recbole_weaverec.model.llm.llmmerge import LLMMerge
 from recbole_weaverec.model.llm.scoring import score_candidates
 from recbole_weaverec.model.llm.trainer import LLMTrainer

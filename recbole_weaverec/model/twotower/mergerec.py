@@ -18,19 +18,14 @@ from recbole.utils import dict2str, set_color
 
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.crossdomain import domain_list
-from recbole_weaverec.model.lae.base import check_choice, check_number
+from recbole_weaverec.checks import check_bool, check_choice, check_int, check_number
 from recbole_weaverec.model.twotower.domains import (DomainModelMismatchError, check_same_encoder,
                                                      domain_models, domain_text_config, encoder_meta, text_config)
-from recbole_weaverec.model.twotower.textseqrec import TextSeqRec, check_int, name_list
+from recbole_weaverec.model.twotower.textseqrec import TextSeqRec, name_list
 
 MERGE_INITS = ("task_arithmetic", "ties", "average")
 GRANULARITIES = ("task", "layer")
 DEFAULT_COEFFICIENT = {"task_arithmetic": 0.2, "ties": 1.0}  # paper's initial values; average: 1/K
-
-
-def _check_bool(config, key):
-    if not isinstance(config[key], bool):
-        raise ConfigError(f"{key}={config[key]!r} is not allowed: expected True or False")
 
 
 class MergeRecTrainer(Trainer):
@@ -215,7 +210,7 @@ class MergeRec(TextSeqRec):
         check_choice(config, "merge_init", MERGE_INITS)
         check_choice(config, "merge_granularity", GRANULARITIES)
         for key in ("merge_learn", "merge_finetune"):
-            _check_bool(config, key)
+            check_bool(config, key)
         check_number(config, "merge_density", low=0, high=1, low_open=True)
         if config["merge_coefficient"] is not None:
             check_number(config, "merge_coefficient")
@@ -223,7 +218,7 @@ class MergeRec(TextSeqRec):
         check_number(config, "kd_temperature", low=0, low_open=True)
         check_number(config, "merge_lr", low=0, low_open=True)
         check_int(config, "merge_steps", low=0)
-        check_int(config, "merge_batch_size")
+        check_int(config, "merge_batch_size", low=1)
         given = config["merge_finetuned"]
         if given is not None and not isinstance(given, (str, dict)):
             raise ConfigError(f"merge_finetuned={given!r} is not allowed: expected a folder or a mapping "

@@ -13,7 +13,7 @@ from recbole.utils import InputType, ModelType
 from recbole_weaverec import distributed
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.itemtext import MissingTextFieldError, item_texts
-from recbole_weaverec.model.lae.base import check_choice, check_number
+from recbole_weaverec.checks import check_choice, check_int, check_number
 from recbole_weaverec.model.twotower.encoder import TextTower
 from recbole_weaverec.textembed import resolve_encoder_path
 
@@ -31,13 +31,6 @@ def name_list(value):
     return value
 
 
-def check_int(config, key, low=1):
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{key}={value!r} is not allowed: expected an integer >= {low}")
-    return value
-
-
 class TextSeqRec(SequentialRecommender):
     input_type = InputType.POINTWISE
     type = ModelType.SEQUENTIAL
@@ -47,7 +40,7 @@ class TextSeqRec(SequentialRecommender):
         check_number(config, "temperature", low=0, low_open=True)
         for key in ("max_seq_items", "max_item_tokens", "max_user_tokens", "encode_batch_size",
                     "full_softmax_refresh"):
-            check_int(config, key)
+            check_int(config, key, low=1)
         check_choice(config, "softmax", SOFTMAX)
         fields = name_list(config["text_fields"])
         if not isinstance(fields, (list, tuple)) or not fields or not all(isinstance(f, str) for f in fields):
