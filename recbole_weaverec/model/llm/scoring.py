@@ -21,14 +21,12 @@ def _cache_kwarg(model_class):
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's transformer
+
+
 def _forward(model, cache, **kwargs):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return model(**{_cache_kwarg(type(base)): cache}, use_cache=True, **kwargs)
-
-
-def _attn_implementation(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base.config, "_attn_implementation", "sdpa")
+    return model(**{_cache_kwarg(type(_base(model))): cache}, use_cache=True, **kwargs)
 
 
 def score_candidates(model, prompt_ids, answers, chunk_size=64, pad_id=0, grad=False):
@@ -78,7 +76,7 @@ def _score(model, prompt_ids, answers, chunk_size, keep_graph):
         logp = first[torch.tensor([a[0] for a in chunk], device=device)]
         if any(len(a) > 1 for a in chunk):
             ids, positions, mask, targets, owner = packed_answers(chunk, n_prompt, device)
-            if _attn_implementation(model) != "sdpa":  # eager and others add the mask to the attention logits
+            if getattr(_base(model).config, "_attn_implementation", "sdpa") != "sdpa":  # eager and others add the mask to the attention logits
                 mask = torch.zeros(mask.shape, dtype=first.dtype, device=device).masked_fill(~mask, -torch.inf)
             logits = _forward(model, cache, input_ids=ids, position_ids=positions, attention_mask=mask).logits[0]
             logits = logits.float()

@@ -221,14 +221,12 @@ def passes(encoded, tokens_per_pass):
     (a run holds at least one prompt; 0 = one run)."""
     if not tokens_per_pass:
         return [encoded] if encoded else []
-    out, run, width = [], [], 0
+    out, run = [], []
     for e in encoded:
-        w = max(width, len(e[0]))
-        if run and w * (len(run) + 1) > tokens_per_pass:
+        if run and max(len(x[0]) for x in run + [e]) * (len(run) + 1) > tokens_per_pass:
             out.append(run)
-            run, w = [], len(e[0])
+            run = []
         run.append(e)
-        width = w
     return out + ([run] if run else [])
 
 

@@ -93,9 +93,9 @@ class WeaveRec(LLMMerge):
             if all(os.path.isfile(os.path.join(raw_data_path(config), d, f"{d}.inter")) for d in default):
                 config["source_domains"] = sources = list(default)
         if not sources:
-            raise ConfigError(f"source_domains is empty: WeaveRec needs at least one source domain "
-                              f"(e.g. --source_domains=\"[amazon-beauty]\"); for the target-only model use "
-                              f"--model=LLMRec")
+            raise ConfigError("source_domains is empty: WeaveRec needs at least one source domain "
+                              "(e.g. --source_domains=\"[amazon-beauty]\"); for the target-only model use "
+                              "--model=LLMRec")
         sources = domain_list(config, "source_domains", required=True)  # existing, no duplicates, not the target
         check_choice(config, "weave_merge", MERGES)
         check_int(config, "weave_target_samples", low=1, allow_none=True)
@@ -275,15 +275,11 @@ class WeaveRec(LLMMerge):
     def target_only(self):
         """The model computes with W0 + ΔW(θ0) inside, and with W0 + merged ΔW again afterwards (both folded
         the same way from the saved W0, so the merged model is restored exactly)."""
-        if self._base_weights is None:
-            raise RuntimeError("target_only() needs weave_compare_target_only (W0 is not kept otherwise)")
-        return self._folded_with(self._deltas[0])
+        return self._folded_with("target_only", lambda: self._deltas[0])
 
     def zero_shot(self):
         """The base model alone (W0, no module) inside; the merged model again afterwards."""
-        if self._base_weights is None:
-            raise RuntimeError("zero_shot() needs weave_compare_target_only (W0 is not kept otherwise)")
-        return self._folded_with({})
+        return self._folded_with("zero_shot", dict)
 
     @contextlib.contextmanager
     def popularity(self):
@@ -312,7 +308,10 @@ class WeaveRec(LLMMerge):
         return super().full_sort_predict(interaction)
 
     @contextlib.contextmanager
-    def _folded_with(self, deltas):
+    def _folded_with(self, what, deltas):
+        """W0 + ``deltas()`` folded inside the block, W0 + the merged ΔW again after it."""
+        if self._base_weights is None:
+            raise RuntimeError(f"{what}() needs weave_compare_target_only (W0 is not kept otherwise)")
         _, merged = self._deltas
 
         def refold(deltas):
@@ -321,7 +320,7 @@ class WeaveRec(LLMMerge):
                     self.llm.get_submodule(key).weight.copy_(w0)
             merging.fold_deltas(self.llm, deltas)
 
-        refold(deltas)
+        refold(deltas())
         try:
             yield self
         finally:
