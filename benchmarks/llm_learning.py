@@ -119,7 +119,8 @@ def baseline(args, rows, name):
 def llm_curve(args, rows):
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from recbole_weaverec.model.llm.training import LoraLearner, mix_samples
+    from recbole_weaverec.model.llm.training import LoraLearner
+    from recbole_weaverec.model.llm.samples import mix_samples
     from recbole_weaverec.stats import per_user_metrics
 
     points = sorted(int(p) for p in args.points.split(","))

@@ -56,9 +56,7 @@ if not hasattr(_sp.dok_matrix, "_update"):
 
 import torch  # noqa: E402
 
-
-class CheckpointMismatchError(ValueError):
-    pass
+from recbole_weaverec.errors import CheckpointMismatchError  # noqa: E402
 
 
 def plain_value(value):

@@ -4,6 +4,8 @@ import importlib.util
 import pkgutil
 import re
 
+from recbole_weaverec.errors import UnknownModelError
+
 # name -> "module:Class", imported lazily so that e.g. EASE never pays for importing transformers.
 MODELS = {
     "EASE": "recbole_weaverec.model.lae.ease:EASE",
@@ -44,10 +46,6 @@ def recbole_models():
         with open(spec.origin, encoding="utf-8") as f:
             names += [n for n in re.findall(r"import (\w+)", f.read()) if n.lower() in modules]
     return sorted(set(names))
-
-
-class UnknownModelError(ValueError):
-    pass
 
 
 def get_model_class(name):

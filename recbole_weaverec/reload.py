@@ -21,6 +21,7 @@ import torch
 
 from recbole_weaverec import compat  # noqa: F401  (numpy aliases and safe globals before RecBole / torch.load)
 from recbole_weaverec.config import WeaveConfig
+from recbole_weaverec.errors import CheckpointError, MissingAdapterError
 
 # derived by Config itself from the keys a user sets (fed back they would be taken as user settings and, for
 # local_rank, start a process group); "_run_outputs" is quick_start's list of files to remove after a failed run
@@ -28,14 +29,6 @@ DERIVED_KEYS = ("MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type", "valid_metric_big
                 "local_rank", "world_size", "nproc", "offset", "ip", "port", "valid_neg_sample_args",
                 "test_neg_sample_args", "_run_outputs")
 ADAPTER_WEIGHTS = "adapter_config.json"
-
-
-class CheckpointError(ValueError):
-    """A file that is not a checkpoint this package can reload (one line naming the file and why)."""
-
-
-class MissingAdapterError(CheckpointError):
-    pass
 
 
 def read_checkpoint(model_file):

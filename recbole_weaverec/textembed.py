@@ -14,13 +14,11 @@ from pathlib import Path
 
 import torch
 
+from recbole_weaverec.errors import EncoderNotFoundError
+
 EMBEDDED_NAMES = (None, "", "embedded", "default")
 LLM_PREFIX = "llm:"  # "llm" / "llm:<path or hub name>": mean-pooled last hidden states of the causal-LM backbone
 DEFAULT_CACHE_DIR = Path(os.environ.get("RECBOLE_WEAVEREC_CACHE", Path.home() / ".cache" / "recbole_weaverec"))
-
-
-class EncoderNotFoundError(FileNotFoundError):
-    """The text encoder is neither a local folder nor reachable on the hub (one-line message)."""
 
 
 def default_encoder_path():

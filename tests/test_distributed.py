@@ -97,7 +97,8 @@ def _lora_training(out):
     """The LLM LoRA learner on a tiny random Llama: global batch 3 (shards 2/1), gradient accumulation 2."""
     from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer, tiny_llama
     from recbole_weaverec.model.llm.prompts import PromptBuilder
-    from recbole_weaverec.model.llm.training import DomainData, LoraLearner, LoraSettings, Sample, add_lora
+    from recbole_weaverec.model.llm.training import LoraLearner, LoraSettings, add_lora
+    from recbole_weaverec.model.llm.samples import DomainData, Sample
 
     tokenizer = load_tokenizer(str(embedded_folder()))
     settings = LoraSettings(r=4, alpha=8, dropout=0.0, learning_rate=1e-2, warmup_ratio=0.0, epochs=2, batch_size=3,

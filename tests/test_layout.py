@@ -4,7 +4,6 @@ import ast
 import sys
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "recbole_weaverec"
@@ -127,9 +126,21 @@ def _long_modules():
     return {m: n for m, p in _modules().items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
 
 
-@pytest.mark.xfail(strict=False, reason="splitting leaderboard.py and merging.py is later work (issue 13)")
 def test_no_module_over_400_lines():
     assert not _long_modules(), f"modules over {MAX_LINES} lines: {_long_modules()}"
+
+
+def test_every_error_class_lives_in_errors_py():
+    """One room for the errors a user can cause (each module imports the ones it raises from there)."""
+    defined = {}
+    for module, path in _modules().items():
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef) and any(
+                    (b.id if isinstance(b, ast.Name) else getattr(b, "attr", "")).endswith(("Error", "Exception"))
+                    for b in node.bases):
+                defined.setdefault(module, []).append(node.name)
+    assert set(defined) == {"recbole_weaverec.errors"}, defined
+    assert len(defined["recbole_weaverec.errors"]) >= 10
 
 
 def test_recbole_trainer_patched_once_from_one_module():

@@ -13,9 +13,9 @@ from recbole_weaverec.model.llm.backbone import (LLMNotFoundError, embedded_fold
                                                  resolve_llm_path, set_base_name, tiny_llama)
 from recbole_weaverec.model.llm.prompts import IGNORE_INDEX, PromptBuilder
 from recbole_weaverec.model.llm.scoring import naive_scores, score_candidates
-from recbole_weaverec.model.llm.training import (AdapterMismatchError, DomainData, LoraLearner, LoraSettings,
-                                                 Sample, add_lora, answer_loss, build_samples, collate, encode_sample,
-                                                 load_adapter, save_adapter, train_adapter)
+from recbole_weaverec.model.llm.training import (AdapterMismatchError, LoraLearner, LoraSettings, add_lora,
+                                                 answer_loss, load_adapter, save_adapter, train_adapter)
+from recbole_weaverec.model.llm.samples import DomainData, Sample, build_samples, collate
 
 TITLES = ["", "Red wooden toy train with four wagons", "Blue puzzle cube", "Plush teddy bear large",
           "Magnetic alphabet letters for kids", "Board game of strategy", "Watercolor paint set 24 colours",
@@ -266,7 +266,7 @@ def test_items_without_title_error_unless_fallback(tmp_path):
     from recbole.data import create_dataset
 
     from recbole_weaverec.data.itemtext import MissingTextFieldError
-    from recbole_weaverec.model.llm.training import domain_data
+    from recbole_weaverec.model.llm.samples import domain_data
     from recbole_weaverec.quick_start import build_config
 
     data = write_tiny_dataset(tmp_path / "data", titles=False)

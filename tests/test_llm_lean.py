@@ -6,8 +6,8 @@ import torch
 from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer, tiny_llama
 from recbole_weaverec.model.llm.prompts import PromptBuilder
 from recbole_weaverec.model.llm.scoring import naive_scores, packed_answers, score_candidates
-from recbole_weaverec.model.llm.training import (DomainData, LoraLearner, LoraSettings, Sample, add_lora, batches,
-                                                 frozen_weights_as, passes)
+from recbole_weaverec.model.llm.training import LoraLearner, LoraSettings, add_lora, batches, frozen_weights_as, passes
+from recbole_weaverec.model.llm.samples import DomainData, Sample
 
 TITLES = ["", "Red wooden toy train with four wagons", "Blue puzzle cube", "Plush teddy bear large",
           "Magnetic alphabet letters for kids", "Board game of strategy", "Watercolor paint set 24 colours",

@@ -186,7 +186,8 @@ def test_cached_scoring_and_padded_training_see_the_positions_of_one_sequence():
     pass one position off, pads that are attended, or a mask off by one cannot hide in the tolerance)."""
     from recbole_weaverec.model.llm.prompts import IGNORE_INDEX, PromptBuilder
     from recbole_weaverec.model.llm.scoring import naive_scores, score_candidates
-    from recbole_weaverec.model.llm.training import answer_loss, collate
+    from recbole_weaverec.model.llm.training import answer_loss
+    from recbole_weaverec.model.llm.samples import collate
 
     titles = [t for ts in catalogue(np.random.default_rng(0), 2).values() for t in ts]
     tokenizer = prompt_tokenizer(titles)

@@ -151,6 +151,32 @@ def test_different_ranks_merge_at_delta_level():
         torch.testing.assert_close(merged[k], (r2[k] + r4[k]) / 2)
 
 
+def test_lazy_deltas_hold_only_factors_and_equal_the_dense_merge_exactly():
+    """What WeaveRec folds: ΔW computed from the LoRA factors when read, equal bit for bit to the dense path."""
+    base = tiny_llama()
+    p2, p4 = lora(base, 4, r=2, fan_in_fan_out=False), lora(base, 5, r=4, lora_alpha=16)
+    dense = [M.lora_deltas(p2), M.lora_deltas(p4)]
+    lazy = [M.lora_deltas(p2, base_model=base, lazy=True), M.lora_deltas(p4, lazy=True)]
+    assert all(isinstance(d, M.LazyDeltas) and not any(torch.is_tensor(v) for v in vars(d).values()) for d in lazy)
+    for d, l in zip(dense, lazy):
+        assert list(d) == list(l) and all(torch.equal(d[k], l[k]) and l.shape(k) == tuple(d[k].shape) for k in d)
+    for weights, method in ((None, "average"), ([0.3, -1.5], "weights")):
+        merged = M.merge_deltas(dense, weights, method)
+        combo = M.WeightedDeltas(lazy, weights)
+        assert list(combo) == list(merged) and all(torch.equal(combo[k], merged[k]) for k in merged)
+    rows = {k: [float(i), 1.0] for i, k in enumerate(dense[0])}  # one row per module (the learned merge)
+    combo = M.WeightedDeltas(lazy, rows)
+    for i, k in enumerate(dense[0]):
+        torch.testing.assert_close(combo[k], i * dense[0][k] + dense[1][k])
+    folded = logits(M.fold_deltas(copy.deepcopy(base), M.WeightedDeltas(lazy)), IDS)
+    torch.testing.assert_close(folded, logits(M.fold_deltas(copy.deepcopy(base), M.merge_deltas(dense)), IDS),
+                               rtol=0, atol=0)
+    with pytest.raises(M.MergeError, match="3 merge weights for 2"):
+        M.WeightedDeltas(lazy, [1.0, 1.0, 1.0])
+    with pytest.raises(M.AdapterMismatchError, match="adapt different modules"):
+        M.WeightedDeltas([lazy[0], M.lora_deltas(lora(base, 6, target_modules=["q_proj"]), lazy=True)])
+
+
 def test_different_target_modules_refused_naming_them():
     base = tiny_llama()
     dq = M.lora_deltas(lora(base, 6, target_modules=["q_proj"]))

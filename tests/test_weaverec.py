@@ -15,7 +15,8 @@ from recbole_weaverec import merging
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer, tiny_llama
 from recbole_weaverec.model.llm.scoring import score_candidates
-from recbole_weaverec.model.llm.training import LoraSettings, add_lora, encode_sample, load_source, save_adapter
+from recbole_weaverec.model.llm.training import LoraSettings, add_lora, save_adapter
+from recbole_weaverec.model.llm.samples import encode_sample, load_source
 
 SMALL = {"max_train_samples": 6, "weave_target_samples": 5, "weave_source_samples": 3, "max_history": 3,
          "max_title_tokens": 5, "num_prompt_candidates": 6, "train_batch_size": 4, "eval_sample_users": 4,

@@ -7,10 +7,7 @@ its own id space and never mix with the target's. Sources are only trained on; e
 import os
 
 from recbole_weaverec.config import ConfigError, WeaveConfig
-
-
-class MissingDomainError(FileNotFoundError):
-    pass
+from recbole_weaverec.errors import MissingDomainError
 
 
 def raw_data_path(config):

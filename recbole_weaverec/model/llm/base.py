@@ -17,18 +17,16 @@ from recbole.utils import InputType, ModelType
 from recbole_weaverec.checks import check_bool, check_choice, check_int, check_number
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.crossdomain import check_domain_files, domain_list
+from recbole_weaverec.errors import FullSortTooLargeError
 from recbole_weaverec.merging import check_adapter_paths
 from recbole_weaverec.model.llm.backbone import load_backbone
 from recbole_weaverec.model.llm.prompts import PromptBuilder
 from recbole_weaverec.model.llm.scoring import score_candidates
 from recbole_weaverec.model.llm.trainer import LLMTrainer
-from recbole_weaverec.model.llm.training import LoraSettings, domain_data
+from recbole_weaverec.model.llm.training import LoraSettings
+from recbole_weaverec.model.llm.samples import domain_data
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class FullSortTooLargeError(ConfigError):
-    pass
 
 
 class LLMRecommender(SequentialRecommender):

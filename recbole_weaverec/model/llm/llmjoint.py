@@ -5,7 +5,7 @@ titles. Evaluation is on the target only.
 """
 from recbole_weaverec.data.crossdomain import domain_list
 from recbole_weaverec.model.llm.llmrec import LLMRec
-from recbole_weaverec.model.llm.training import build_samples, load_source, mix_samples
+from recbole_weaverec.model.llm.samples import build_samples, load_source, mix_samples
 
 
 class LLMJoint(LLMRec):

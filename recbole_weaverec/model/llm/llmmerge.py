@@ -10,8 +10,8 @@ from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.crossdomain import domain_list
 from recbole_weaverec.checks import check_choice, check_number
 from recbole_weaverec.model.llm.base import LLMRecommender
-from recbole_weaverec.model.llm.training import (build_samples, check_adapter_base, ensure_adapter, load_source,
-                                                 training_key)
+from recbole_weaverec.model.llm.training import check_adapter_base, ensure_adapter, training_key
+from recbole_weaverec.model.llm.samples import build_samples, load_source
 
 METHODS = ("average", "weights", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
@@ -81,7 +81,7 @@ class LLMMerge(LLMRecommender):
         folders = [self.domain_adapter(name, trainer) for name in names]
         self.adapter_folders = dict(zip(names, folders))
         merging.check_same_base(folders, self.base_name)
-        deltas = [merging.lora_deltas(f, base_model=self.llm) for f in folders]
+        deltas = [merging.lora_deltas(f, base_model=self.llm, lazy=True) for f in folders]  # no K dense copies
         merged = merging.merge_deltas(deltas, merge_weights(self.config, len(folders)), self.config["merge_method"],
                                       density=self.config["merge_density"], names=names, seed=self.config["seed"])
         merging.fold_deltas(self.llm, merged)

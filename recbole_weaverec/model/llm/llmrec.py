@@ -1,6 +1,7 @@
 """LLMRec: a causal LM fine-tuned with LoRA on the target domain only (WeaveRec's "target-only" baseline, θ0)."""
 from recbole_weaverec.model.llm.base import LLMRecommender
-from recbole_weaverec.model.llm.training import add_lora, build_samples, load_adapter
+from recbole_weaverec.model.llm.training import add_lora, load_adapter
+from recbole_weaverec.model.llm.samples import build_samples
 
 
 class LLMRec(LLMRecommender):

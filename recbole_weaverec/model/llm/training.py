@@ -1,9 +1,6 @@
-"""Training samples from RecBole's sequential prefixes, LoRA training, and peft adapter folders.
-
-Reusable by every LLM model (LLMRec, LLMJoint, LLMMerge, WeaveRec):
-- ``DomainData`` / ``load_target`` / ``load_source``: a domain's training split and titles (its own id space).
-- ``build_samples(domain, n, num_candidates, seed)``: reproducible training prompts of one domain.
-- ``mix_samples(lists, seed)``: a seeded shuffle of several domains' samples (data merging / hybrid modules).
+"""LoRA training and peft adapter folders, reusable by every LLM model (LLMRec, LLMJoint, LLMMerge, WeaveRec);
+the samples they train on are built in ``samples.py``:
+- ``answer_loss``: cross-entropy over the answer tokens only.
 - ``LoraSettings.from_config`` + ``add_lora`` + ``train_lora``: one LoRA trained on a list of samples.
 - ``train_adapter(base, samples, ..., folder)``: the above, saved as a peft folder; the base comes back clean.
 - ``save_adapter`` / ``load_adapter`` / ``check_adapter_base``: peft folders with the base model's name checked.
@@ -12,7 +9,6 @@ import json
 import math
 import os
 import shutil
-import zlib
 from contextlib import contextmanager
 from logging import getLogger
 from dataclasses import asdict, dataclass, field
@@ -26,108 +22,10 @@ from recbole_weaverec.merging import AdapterMismatchError  # one error type for 
 from recbole_weaverec.merging import AdapterFileError, AdapterNotFoundError, check_adapter_folder
 from recbole_weaverec.model.llm.backbone import base_name
 from recbole_weaverec.model.llm.prompts import IGNORE_INDEX
+from recbole_weaverec.model.llm.samples import collate, encode_sample
 
 ALL_LINEAR = "all-linear"
 META_FILE = "recbole_weaverec.json"  # what an adapter folder was trained on (next to peft's files)
-
-
-# --- data -------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Sample:
-    """One training prompt: ``domain``'s internal item ids (history oldest first, target, candidates listed)."""
-    domain: str
-    history: tuple
-    target: int
-    candidates: tuple = ()
-
-
-@dataclass
-class DomainData:
-    """A domain's sequential training split (RecBole's augmented prefixes) and its item titles (by internal id)."""
-    name: str
-    train: object  # RecBole SequentialDataset of the training split
-    titles: list
-    item_num: int
-
-    def title(self, item):
-        return self.titles[int(item)]
-
-
-def domain_data(name, dataset, train_split, title_field="title", fallback=None):
-    from recbole_weaverec.data.itemtext import item_titles
-
-    return DomainData(name, train_split, item_titles(dataset, title_field, fallback), dataset.item_num)
-
-
-def load_source(config, name):
-    """A source domain loaded as its own RecBole dataset (ids and titles never mix with the target's)."""
-    from recbole_weaverec.data.crossdomain import load_domain
-
-    _, dataset, (train, _, _) = load_domain(config, name)
-    return domain_data(name, dataset, train, config["title_field"], config["title_fallback_field"])
-
-
-def _domain_seed(seed, name, salt=0):
-    return [int(seed), zlib.crc32(name.encode()), int(salt)]  # stable across runs (unlike hash())
-
-
-def build_samples(domain, n=None, num_candidates=30, seed=2020):
-    """Up to ``n`` training prefixes of ``domain`` chosen reproducibly (all when n is None), each with
-    ``num_candidates`` candidates: the true item + random items outside the user's history, shuffled."""
-    train = domain.train
-    seq_field, len_field = train.config["ITEM_ID_FIELD"] + train.config["LIST_SUFFIX"], train.config["ITEM_LIST_LENGTH_FIELD"]
-    seqs, lengths = train.inter_feat[seq_field].numpy(), train.inter_feat[len_field].numpy()
-    targets = train.inter_feat[train.iid_field].numpy()
-    rng = np.random.default_rng(_domain_seed(seed, domain.name))
-    rows = np.arange(len(targets)) if n is None or n >= len(targets) else \
-        np.sort(rng.choice(len(targets), size=int(n), replace=False))
-    out = []
-    for r in rows:
-        history = tuple(int(i) for i in seqs[r, :lengths[r]])
-        target = int(targets[r])
-        candidates = ()
-        if num_candidates:
-            out_of = set(history) | {target}
-            k = min(int(num_candidates) - 1, domain.item_num - 1 - len(out_of))
-            negatives = []
-            while len(negatives) < k:  # rejection sampling: histories are tiny next to the catalogue
-                item = int(rng.integers(1, domain.item_num))
-                if item not in out_of:
-                    out_of.add(item)
-                    negatives.append(item)
-            candidates = [target, *negatives]
-            rng.shuffle(candidates)
-            candidates = tuple(candidates)
-        out.append(Sample(domain.name, history, target, candidates))
-    return out
-
-
-def mix_samples(sample_lists, seed=2020):
-    """All samples of several domains in one seeded random order."""
-    out = [s for samples in sample_lists for s in samples]
-    order = np.random.default_rng([int(seed), 7]).permutation(len(out))
-    return [out[i] for i in order]
-
-
-def encode_sample(sample, builder, domains):
-    """(input_ids, labels) of a sample; titles come from the sample's own domain only."""
-    titles = domains[sample.domain].titles
-    return builder.training_ids([titles[i] for i in sample.history], titles[sample.target],
-                                [titles[i] for i in sample.candidates] if sample.candidates else None)
-
-
-def collate(encoded, pad_id):
-    """Left-padded batch: every answer ends at the last position, so the LM head only runs on the last few."""
-    width = max(len(ids) for ids, _ in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, (x, y) in enumerate(encoded):
-        ids[i, width - len(x):] = torch.tensor(x)
-        labels[i, width - len(y):] = torch.tensor(y)
-        mask[i, width - len(x):] = 1
-    positions = (mask.cumsum(1) - 1).clamp_min(0)  # each sequence starts at position 0, as when scoring
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
 
 
 def answer_loss(model, batch):

@@ -43,8 +43,8 @@ from recbole_weaverec.checks import check_bool, check_choice, check_int, check_n
 from recbole_weaverec.model.llm.llmmerge import LLMMerge
 from recbole_weaverec.model.llm.scoring import score_candidates
 from recbole_weaverec.model.llm.trainer import LLMTrainer
-from recbole_weaverec.model.llm.training import (build_samples, check_adapter_base, ensure_adapter, load_source,
-                                                 mix_samples, training_key)
+from recbole_weaverec.model.llm.training import check_adapter_base, ensure_adapter, training_key
+from recbole_weaverec.model.llm.samples import build_samples, load_source, mix_samples
 
 MERGES = ("average", "weights", "learned")
 HYBRID_SEP = "~"  # hybrid module of target T and source S: "T~S"
@@ -181,14 +181,16 @@ class WeaveRec(LLMMerge):
                   [self.hybrid_adapter(s, trainer) for s in self.sources]
         self.adapter_folders = dict(zip(self.module_names, folders))
         merging.check_same_base(folders, self.base_name)
-        deltas = [merging.lora_deltas(f, base_model=self.llm) for f in folders]
+        # each module's ΔW is computed from its LoRA factors when it is read: K dense copies of every adapted
+        # weight (0.43 GB each for SmolLM2-135M) are never held
+        deltas = [merging.lora_deltas(f, base_model=self.llm, lazy=True) for f in folders]
         merging.check_compatible(deltas, self.module_names)  # other target modules -> refused, naming both
         method = self.config["weave_merge"]
         if method == "learned":
             merged = self.learn_merge(deltas, trainer)
         else:
             weights = None if method == "average" else [float(w) for w in self.config["weave_weights"]]
-            merged = merging.merge_deltas(deltas, weights, method, names=self.module_names)
+            merged = merging.WeightedDeltas(deltas, weights, names=self.module_names)
             self.merge_weights = [1.0 / len(deltas)] * len(deltas) if weights is None else weights
         if self.config["weave_compare_target_only"]:
             self._deltas = (deltas[0], merged)
@@ -259,11 +261,13 @@ class WeaveRec(LLMMerge):
                 optimizer.step()
                 losses.append(float(loss.detach()))
         with torch.no_grad():
-            merged = {k: v.detach() for k, v in merge.merged().items()}
-            w = merge.weights()
+            w = merge.weights().detach().float().cpu()
+            # the learned rows (one per module), applied lazily like the fixed-weight merges
+            merged = merging.WeightedDeltas(deltas, merge.key_weights(), names=self.module_names)
             self.merge_weights = w.mean(0).tolist()
             self.merge_weight_range = list(zip(w.min(0).values.tolist(), w.max(0).values.tolist()))
             self.learned_lambda = merge.lam.detach().cpu()
+        del merge  # its stacked ΔW buffers
         n = len(losses)
         head, tail = np.mean(losses[:max(1, n // 4)]), np.mean(losses[-max(1, n // 4):])
         self.learn_entropy = (float(head), float(tail))

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from recbole_weaverec.config import ConfigError, WeaveConfig
-from recbole_weaverec.errors import CacheFileError
+from recbole_weaverec.config import WeaveConfig
 from recbole_weaverec.data.crossdomain import domain_config, raw_data_path
+from recbole_weaverec.errors import CacheFileError, DomainModelMismatchError
 
 # TextSeqRec settings that change what fine-tuning produces (the cache key); display/eval-only keys are left out
 TRAINING_KEYS = ("text_fields", "max_item_tokens", "max_seq_items", "max_user_tokens", "temperature", "softmax",
@@ -22,10 +22,6 @@ TRAINING_KEYS = ("text_fields", "max_item_tokens", "max_seq_items", "max_user_to
                  "stopping_step", "eval_step", "valid_metric", "seed", "MAX_ITEM_LIST_LENGTH", "clip_grad_norm",
                  "load_col", "eval_args")
 MERGE_ONLY_KEYS = ("model",)
-
-
-class DomainModelMismatchError(ConfigError):
-    """Two domain models that do not share one encoder (other base, vocabulary or shapes)."""
 
 
 def text_config(config, name=None):

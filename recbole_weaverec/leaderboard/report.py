@@ -1,0 +1,293 @@
+"""The report from the result rows: results.csv, results.md (mean ± std over seeds, best per column in bold) and one
+PNG bar chart per protocol and metric."""
+import contextlib
+import csv
+import datetime
+import math
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+from recbole_weaverec.leaderboard.files import _publish
+
+METRIC_NAMES = {"recall": "Recall", "ndcg": "NDCG", "hit": "Hit", "mrr": "MRR", "precision": "Precision",
+                "map": "MAP", "itemcoverage": "ItemCoverage", "averagepopularity": "AveragePopularity"}
+
+
+def metric_name(key):
+    """'ndcg@10' -> 'NDCG@10' (RecBole reports metrics in lower case)."""
+    base, _, k = key.partition("@")
+    return METRIC_NAMES.get(base.lower(), base) + (f"@{k}" if k else "")
+
+
+def write_csv(rows, path):
+    metrics = []
+    for r in rows:
+        metrics += [m for m in r["metrics"] if m not in metrics]
+    fields = ["protocol", "model", "label", "dataset", "source_domains", "seed", "status", "history", "model_type",
+              "wall_s", "valid_score", *[metric_name(m) for m in metrics], "error", "hash"]
+    with tempfile.NamedTemporaryFile("w", newline="", encoding="utf-8", dir=Path(path).parent,
+                                     delete=False, suffix=".tmp") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            out = {k: r[k] for k in fields if k in r}
+            out.update({metric_name(m): f"{v:.6g}" for m, v in r["metrics"].items()})
+            w.writerow(out)
+    _publish(f.name, path)
+
+
+def mean_std(values):
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def aggregate(rows):
+    """(protocol, dataset, label, sources) -> {metrics: {m: (mean, std)}, n, total, wall, history, errors}."""
+    groups = {}
+    for r in rows:
+        key = (r["protocol"], r["dataset"], r["label"], r["sources"])
+        g = groups.setdefault(key, {"values": {}, "n": 0, "total": 0, "wall": [], "history": "", "errors": [],
+                                    "statuses": set()})
+        g["total"] += 1
+        g["statuses"].add(r["status"])
+        if r["status"] == "ok":
+            g["n"] += 1
+            g["wall"].append(float(r["wall_s"]))
+            g["history"] = r["history"]
+            for m, v in r["metrics"].items():
+                g["values"].setdefault(m, []).append(v)
+        elif r["status"] in ("failed", "skipped") and r["error"] and r["error"] not in g["errors"]:
+            g["errors"].append(r["error"])
+    for g in groups.values():
+        g["metrics"] = {m: mean_std(v) for m, v in g["values"].items()}
+    return groups
+
+
+def _fmt(mean, std, n, digits=4):
+    return f"{mean:.{digits}f}" if n < 2 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _columns(cfg, protocol, groups):
+    spec = cfg["protocols"].get(protocol, {}).get("columns") if cfg else None
+    present = []
+    for (p, *_), g in groups.items():
+        if p == protocol:
+            present += [m for m in g["metrics"] if m not in present]
+    if spec:
+        return [m.lower() for m in spec if m.lower() in present]
+    return present
+
+
+def _headline(cfg, protocol, columns):
+    h = (cfg["protocols"].get(protocol, {}).get("headline") if cfg else None) or ""
+    if h.lower() in columns:
+        return h.lower()
+    for pref in ("ndcg@10", "ndcg@5"):
+        if pref in columns:
+            return pref
+    return columns[0] if columns else None
+
+
+def _bold_best(cells, means):
+    """Bold every cell whose mean equals the column's best (higher is better for every ranking metric)."""
+    valid = [m for m in means if m is not None]
+    if not valid:
+        return cells
+    best = max(valid)
+    return [f"**{c}**" if m is not None and round(m, 4) == round(best, 4) else c for c, m in zip(cells, means)]
+
+
+def markdown_table(header, body, means_by_col):
+    """``body``: rows of strings; ``means_by_col``: column index -> per-row means (None = no value) to bold."""
+    body = [list(r) for r in body]
+    for col, means in means_by_col.items():
+        bolded = _bold_best([r[col] for r in body], means)
+        for r, c in zip(body, bolded):
+            r[col] = c
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def _model_order(rows):
+    order = []
+    for r in rows:
+        if (r["label"], r["sources"]) not in order:
+            order.append((r["label"], r["sources"]))
+    return order
+
+
+def render_markdown(rows, cfg=None, charts=None, now=None):
+    """The leaderboard as markdown: per protocol a headline table (models x datasets) and one detailed table
+    per dataset (mean ± std over seeds, best per column in bold)."""
+    groups = aggregate(rows)
+    name = cfg["name"] if cfg else "leaderboard"
+    now = now or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    seeds = sorted({r["seed"] for r in rows})
+    command = f"`python -m recbole_weaverec.leaderboard --config {cfg['source']}` " if cfg and cfg.get("source") else ""
+    out = [f"# Leaderboard: {name}", "",
+           f"Generated {now} by {command}on {machine()}.",
+           f"Seeds: {', '.join(map(str, seeds))} (mean ± std over the finished seeds; std is the sample standard "
+           f"deviation).", ""]
+    if cfg:
+        out += [f"uniN candidates: sampled per user with seed {cfg['sample_seed']} for every model and seed, so all "
+                f"models of a table rank the same candidates. Test metrics; **bold** = best in its column.", ""]
+    out += ["`history` = the interactions a model sees when it scores a test user: `train+valid` for sequential "
+            "models (the validation item is the last one of the input sequence) and for our closed-form models "
+            "(`test_history: train_valid`); `train` for RecBole's general models (Pop, BPR, LightGCN, recbole:EASE), "
+            "which never see the validation item as input.", ""]
+    pending = sum(r["status"] == "pending" for r in rows)
+    if pending:
+        out += [f"_{pending} cell(s) not run yet._", ""]
+    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
+    for protocol in protocols:
+        prow = [r for r in rows if r["protocol"] == protocol]
+        datasets = list(dict.fromkeys(r["dataset"] for r in prow))
+        columns = _columns(cfg, protocol, groups)
+        head = _headline(cfg, protocol, columns)
+        desc = ("full ranking of the whole catalogue" if protocol == "full"
+                else f"the true item + {protocol[3:]} items sampled uniformly from those the user never interacted with")
+        out += [f"## Protocol `{protocol}` ({desc})", ""]
+        # models without a finished or failed cell yet are listed, not shown as rows of dashes
+        ran = {(r["label"], r["sources"]) for r in prow if r["status"] in ("ok", "failed")}
+        models = [m for m in _model_order(prow) if m in ran]
+        waiting = [label for label, src in _model_order(prow) if (label, src) not in ran]
+        if waiting:
+            out += [f"Not run yet (or not installed): {', '.join(dict.fromkeys(waiting))}.", ""]
+        if not models:
+            continue
+        if head:
+            out += [f"Test {metric_name(head)}:", ""]
+            body, means = [], {}
+            for label, src in models:
+                line = [label, src]
+                for j, d in enumerate(datasets):
+                    g = groups.get((protocol, d, label, src))
+                    if g and head in g["metrics"]:
+                        m, s = g["metrics"][head]
+                        line.append(_fmt(m, s, g["n"]))
+                        means.setdefault(j + 2, []).append(m)
+                    else:
+                        line.append(_missing(g))
+                        means.setdefault(j + 2, []).append(None)
+                body.append(line)
+            out += [markdown_table(["model", "sources", *datasets], body, means), ""]
+            if charts and (protocol, head) in charts:
+                out += [f"![{protocol} {metric_name(head)}]({charts[(protocol, head)]})", ""]
+        for d in datasets:
+            out += [f"### `{protocol}` · {d}", ""]
+            body, means = [], {}
+            for label, src in models:
+                g = groups.get((protocol, d, label, src))
+                if g is None:
+                    continue
+                line = [label, src, g["history"] or "-"]
+                for j, m in enumerate(columns):
+                    if m in g["metrics"]:
+                        mean, std = g["metrics"][m]
+                        line.append(_fmt(mean, std, g["n"]))
+                        means.setdefault(j + 3, []).append(mean)
+                    else:
+                        line.append(_missing(g))
+                        means.setdefault(j + 3, []).append(None)
+                wall = f"{sum(g['wall']) / len(g['wall']):.0f}" if g["wall"] else "-"
+                line += [wall, f"{g['n']}/{g['total']}"]
+                body.append(line)
+            header = ["model", "sources", "history", *[metric_name(m) for m in columns], "time (s)", "seeds"]
+            out += [markdown_table(header, body, means), ""]
+            notes = [(label, e) for (p, dd, label, _), g in groups.items() if p == protocol and dd == d
+                     for e in g["errors"]]
+            for label, e in notes:
+                out.append(f"- {label}: {e}")
+            if notes:
+                out.append("")
+    if cfg:
+        out += ["## Settings", "", f"- every cell: `{_settings(cfg['config'])}`" if cfg["config"] else "- every cell: -"]
+        out += [f"- `{p}` table: `{_settings(spec['config'])}`" for p, spec in cfg["protocols"].items()]
+        out += [f"- {m['label']}: `{_settings(m['config'])}`" for m in cfg["models"] if m["config"]]
+        out += ["- other settings: each model's defaults (properties/model/NAME.yaml for ours, RecBole's for "
+                "its built-ins)"]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _settings(d):
+    return ", ".join(f"{k}={v}" for k, v in d.items())
+
+
+def _missing(g):
+    if g is None:
+        return "-"
+    if "failed" in g["statuses"]:
+        return "failed"
+    if "skipped" in g["statuses"]:
+        return "n/a"
+    return "pending"
+
+
+def write_charts(rows, cfg, out_dir):
+    """One grouped bar chart per protocol and metric (datasets on x, one bar per model, std as error bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = aggregate(rows)
+    charts = {}
+    for protocol in dict.fromkeys(r["protocol"] for r in rows):
+        prow = [r for r in rows if r["protocol"] == protocol]
+        datasets = list(dict.fromkeys(r["dataset"] for r in prow))
+        models = [m for m in _model_order(prow)
+                  if any(groups.get((protocol, d, *m), {}).get("n") for d in datasets)]
+        if not models:
+            continue
+        for metric in _columns(cfg, protocol, groups):
+            fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + len(datasets) * (0.35 * len(models) + 0.6)), 4.2))
+            width = 0.8 / len(models)
+            cmap = plt.get_cmap("tab20")
+            for i, (label, src) in enumerate(models):
+                xs, ys, es, seeds = [], [], [], []
+                for j, d in enumerate(datasets):
+                    g = groups.get((protocol, d, label, src))
+                    if g and metric in g["metrics"]:
+                        m, s = g["metrics"][metric]
+                        xs.append(j - 0.4 + width * (i + 0.5))
+                        ys.append(m)
+                        es.append(s)
+                        seeds.append(g["n"])
+                name = label if src == "-" else f"{label} ({src})"
+                spread = es if any(n > 1 for n in seeds) else None  # one seed: no error bar
+                ax.bar(xs, ys, width, yerr=spread, capsize=2, label=name, color=cmap(i % 20))
+            ax.set_xticks(range(len(datasets)))
+            ax.set_xticklabels(datasets)
+            ax.set_ylabel(f"test {metric_name(metric)}")
+            ax.set_title(f"{cfg['name'] if cfg else ''} · protocol {protocol} · {metric_name(metric)}")
+            ax.legend(fontsize=7, ncol=2 if len(models) > 6 else 1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+            ax.grid(axis="y", alpha=0.3)
+            fig.tight_layout()
+            fname = f"{protocol}_{metric_name(metric).replace('@', '-')}.png"
+            fig.savefig(Path(out_dir) / fname, dpi=110)
+            plt.close(fig)
+            charts[(protocol, metric)] = fname
+    return charts
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    desc = f"{cpu}, {os.cpu_count()} cores"
+    with contextlib.suppress(Exception):
+        import torch
+
+        desc += f", torch {torch.__version__}"
+        if torch.cuda.is_available():
+            desc += f", GPU {torch.cuda.get_device_name(0)}"
+    return desc
+
