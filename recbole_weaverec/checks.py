@@ -18,6 +18,17 @@ EXTRA_KEYS = {"eval_mode", "model", "dataset", "config_files", "nproc", "world_s
               "group_offset", "eval_sample_users", "local_rank", "single_spec"}
 
 
+def name_list(value):
+    """A list of names from a YAML/Python list or a command-line string "[a,b]" (which RecBole leaves a string when
+    the names are not Python literals, e.g. amazon-toys)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            return [v.strip().strip("'\"") for v in text[1:-1].split(",") if v.strip()]
+        return [text]
+    return value
+
+
 def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -15,6 +15,8 @@ import signal
 import threading
 from contextlib import contextmanager
 
+from recbole_weaverec.files import write_text
+
 JOURNAL_DIR = os.path.join("log", ".unfinished")
 
 
@@ -88,11 +90,7 @@ class RunFiles:
         self.add(log_file, os.path.join("log_tensorboard", name))
 
     def _write(self):
-        os.makedirs(JOURNAL_DIR, exist_ok=True)
-        tmp = f"{self.journal}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"pid": os.getpid(), "cwd": os.getcwd(), "paths": self.paths}, f)
-        os.replace(tmp, self.journal)
+        write_text(self.journal, json.dumps({"pid": os.getpid(), "cwd": os.getcwd(), "paths": self.paths}))
 
     def finished(self):
         self.paths = []

@@ -6,6 +6,7 @@ its own id space and never mix with the target's. Sources are only trained on; e
 """
 import os
 
+from recbole_weaverec.checks import name_list
 from recbole_weaverec.config import ConfigError, WeaveConfig
 from recbole_weaverec.errors import MissingDomainError
 
@@ -24,9 +25,7 @@ def domain_list(config, key="source_domains", required=False, min_len=1, allow_t
                               f"e.g. --{key}=\"[amazon-beauty]\"")
         return []
     if isinstance(value, str):  # "--source_domains=[a,b]" reaches us unparsed (RecBole's eval fails on "a-b")
-        text = value.strip()
-        value = [v.strip().strip("'\"") for v in text[1:-1].split(",") if v.strip()] \
-            if text.startswith("[") and text.endswith("]") else [value]
+        value = name_list(value) if value.strip()[:1] + value.strip()[-1:] == "[]" else [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{key}={value!r} is not allowed: expected a list of dataset names")
     if len(value) < min_len:

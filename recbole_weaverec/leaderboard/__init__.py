@@ -12,11 +12,11 @@ Identical candidates: in ``uniN`` tables every cell draws its evaluation negativ
 the training seed, so every model, and every training seed, ranks the same N sampled items per user.
 
 Outputs in ``output_dir``: ``results.csv`` (one row per cell), ``results.md`` (mean ± std over seeds, best per
+column in bold), one PNG bar chart per protocol and metric, and ``cache/`` (cell results and RecBole logs).
 
-Layers, each module importing only those above it in this list:
+Layers, each module importing only those above it in this list (files are written with ``recbole_weaverec.files``):
 
 - ``errors``: LeaderboardConfigError (a bad board config or ``--only``).
-- ``files``: atomic file writes (no reader ever sees half a cache entry or table).
 - ``grid``: the cells of a board and their cache keys (``expand_grid``, ``cell_hash``).
 - ``config``: reading and validating the board YAML (``load_config``, ``validate_config``).
 - ``runner``: one cell, in this process (``run_cell``) or in a fresh one (``SubprocessRunner``).

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from recbole_weaverec.leaderboard.errors import LeaderboardConfigError
-from recbole_weaverec.leaderboard.files import _atomic_write
+from recbole_weaverec.files import write_text
 from recbole_weaverec.leaderboard.grid import expand_grid, sources_label
 from recbole_weaverec.leaderboard.report import render_markdown, write_charts, write_csv
 from recbole_weaverec.leaderboard.runner import SubprocessRunner
@@ -71,7 +71,7 @@ class Leaderboard:
                 row = self.runner(cell)
                 fresh[cell["hash"]] = row
                 if row["status"] == "ok":
-                    _atomic_write(self.cache / "cells" / f"{cell['hash']}.json", json.dumps(row))
+                    write_text(self.cache / "cells" / f"{cell['hash']}.json", json.dumps(row))
                 else:
                     failed += 1
                     tqdm.write(f"  failed: {row['error']}", file=sys.stderr)
@@ -104,4 +104,4 @@ class Leaderboard:
         write_csv(rows, self.out / "results.csv")
         names = write_charts(rows, self.cfg, self.out) if charts else None
         md = render_markdown(rows, self.cfg, charts=names)
-        _atomic_write(self.out / "results.md", md)
+        write_text(self.out / "results.md", md)

@@ -6,10 +6,9 @@ import datetime
 import math
 import os
 import platform
-import tempfile
 from pathlib import Path
 
-from recbole_weaverec.leaderboard.files import _publish
+from recbole_weaverec.files import replacing
 
 METRIC_NAMES = {"recall": "Recall", "ndcg": "NDCG", "hit": "Hit", "mrr": "MRR", "precision": "Precision",
                 "map": "MAP", "itemcoverage": "ItemCoverage", "averagepopularity": "AveragePopularity"}
@@ -27,15 +26,13 @@ def write_csv(rows, path):
         metrics += [m for m in r["metrics"] if m not in metrics]
     fields = ["protocol", "model", "label", "dataset", "source_domains", "seed", "status", "history", "model_type",
               "wall_s", "valid_score", *[metric_name(m) for m in metrics], "error", "hash"]
-    with tempfile.NamedTemporaryFile("w", newline="", encoding="utf-8", dir=Path(path).parent,
-                                     delete=False, suffix=".tmp") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
             out = {k: r[k] for k in fields if k in r}
             out.update({metric_name(m): f"{v:.6g}" for m, v in r["metrics"].items()})
             w.writerow(out)
-    _publish(f.name, path)
 
 
 def mean_std(values):

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from recbole_weaverec.leaderboard.files import _atomic_write
+from recbole_weaverec.files import write_text
 
 
 def _candidates_seeded_by(quick_start, sample_seed):
@@ -67,7 +67,7 @@ def _cell_main(cell_file, result_file, show_progress):
     _stop_when_orphaned()
     cell = json.loads(Path(cell_file).read_text(encoding="utf-8"))
     row = run_cell(cell, show_progress)
-    _atomic_write(result_file, json.dumps(row))
+    write_text(result_file, json.dumps(row))
     return 0
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from recbole_weaverec import distributed
+from recbole_weaverec.files import replacing
 from recbole_weaverec.merging import AdapterMismatchError  # one error type for adapter mismatches (re-exported)
 from recbole_weaverec.merging import AdapterFileError, AdapterNotFoundError, check_adapter_folder
 from recbole_weaverec.model.llm.backbone import base_name
@@ -257,19 +258,14 @@ def save_adapter(peft_model, folder, meta=None):
     if not distributed.is_main():
         distributed.barrier()
         return folder
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp))
-    if peft_model.active_adapter != "default":  # peft writes non-default adapters into a sub-folder
-        sub = tmp / peft_model.active_adapter
-        for f in sub.iterdir():
-            os.replace(f, tmp / f.name)
-        sub.rmdir()
-    (tmp / META_FILE).write_text(json.dumps(meta or {"base_model": base_name(peft_model)}, indent=1))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with replacing(folder, folder=True) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        if peft_model.active_adapter != "default":  # peft writes non-default adapters into a sub-folder
+            sub = tmp / peft_model.active_adapter
+            for f in sub.iterdir():
+                os.replace(f, tmp / f.name)
+            sub.rmdir()
+        (tmp / META_FILE).write_text(json.dumps(meta or {"base_model": base_name(peft_model)}, indent=1))
     distributed.barrier()
     return folder
 

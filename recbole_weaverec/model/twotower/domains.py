@@ -15,6 +15,7 @@ import torch
 from recbole_weaverec.config import WeaveConfig
 from recbole_weaverec.data.crossdomain import domain_config, raw_data_path
 from recbole_weaverec.errors import CacheFileError, DomainModelMismatchError
+from recbole_weaverec.files import replacing
 
 # TextSeqRec settings that change what fine-tuning produces (the cache key); display/eval-only keys are left out
 TRAINING_KEYS = ("text_fields", "max_item_tokens", "max_seq_items", "max_user_tokens", "temperature", "softmax",
@@ -97,15 +98,8 @@ def check_same_encoder(meta_a, meta_b):
 def save_domain_model(path, state, meta):
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
+    with replacing(path) as tmp:  # an interrupted run never leaves half a model to be reused
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)  # atomic: an interrupted run never leaves half a model to be reused
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_domain_model(path):

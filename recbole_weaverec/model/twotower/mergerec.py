@@ -18,10 +18,10 @@ from recbole.utils import dict2str, set_color
 
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.crossdomain import domain_list
-from recbole_weaverec.checks import check_bool, check_choice, check_int, check_number
+from recbole_weaverec.checks import check_bool, check_choice, check_int, check_number, name_list
 from recbole_weaverec.model.twotower.domains import (DomainModelMismatchError, check_same_encoder,
                                                      domain_models, domain_text_config, encoder_meta, text_config)
-from recbole_weaverec.model.twotower.textseqrec import TextSeqRec, name_list
+from recbole_weaverec.model.twotower.textseqrec import TextSeqRec
 
 MERGE_INITS = ("task_arithmetic", "ties", "average")
 GRANULARITIES = ("task", "layer")

@@ -13,22 +13,11 @@ from recbole.utils import InputType, ModelType
 from recbole_weaverec import distributed
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.itemtext import MissingTextFieldError, item_texts
-from recbole_weaverec.checks import check_choice, check_int, check_number
+from recbole_weaverec.checks import check_choice, check_int, check_number, name_list
 from recbole_weaverec.model.twotower.encoder import TextTower
 from recbole_weaverec.textembed import resolve_encoder_path
 
 SOFTMAX = ("in_batch", "full")
-
-
-def name_list(value):
-    """A list of names from a YAML/Python list or a command-line string "[a,b]" (which RecBole leaves a string when
-    the names are not Python literals, e.g. amazon-toys)."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("[") and text.endswith("]"):
-            return [v.strip().strip("'\"") for v in text[1:-1].split(",") if v.strip()]
-        return [text]
-    return value
 
 
 class TextSeqRec(SequentialRecommender):
