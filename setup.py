@@ -6,7 +6,7 @@ setup(
     description="WeaveRec, MergeRec, LLM cross-domain recommenders and linear autoencoders as RecBole models",
     packages=find_packages(include=["recbole_weaverec", "recbole_weaverec.*"]),
     # the model / dataset defaults and the embedded sample domains: config.py reads them next to its own file
-    package_data={"recbole_weaverec": ["properties/*.yaml", "properties/*/*.yaml", "dataset/README.md",
+    package_data={"recbole_weaverec": ["properties/*.yaml", "properties/*/*.yaml", "properties/*/*/*.yaml", "dataset/README.md",
                                        "dataset/*/*.inter", "dataset/*/*.item"]},
     python_requires=">=3.10",
     install_requires=[

@@ -286,7 +286,7 @@ def write_quality(args, results, work):
                          + f" | {res['seconds']:.0f} s |")
     import yaml
 
-    defaults = yaml.safe_load((REPO / "recbole_weaverec" / "properties" / "model" / "LLMRec.yaml").read_text())
+    defaults = yaml.safe_load((REPO / "recbole_weaverec" / "properties" / "model" / "base" / "llm.yaml").read_text())
     d = {k: defaults[k] for k in ("epochs", "train_batch_size", "learning_rate", "max_history", "max_title_tokens",
                                   "num_prompt_candidates", "lora_r", "lora_alpha")}
     body = "\n".join(table) + f"""

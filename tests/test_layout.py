@@ -182,3 +182,21 @@ def test_wheel_ships_every_default_and_the_sample_data(tmp_path):
     assert any("/model/" in p for p in needed) and any(p.endswith("toys-sample.inter") for p in needed)
     assert not needed - shipped, f"missing from {wheel.name}: {sorted(needed - shipped)}"
     assert {f"{PACKAGE.name}/config.py", f"{PACKAGE.name}/model/llm/weaverec.py"} <= shipped
+
+
+def test_family_defaults_are_written_once():
+    """The LLM models' shared keys live in properties/model/base/llm.yaml; a model's own file adds only its keys."""
+    import yaml
+
+    from recbole_weaverec.model.llm.base import LLMRecommender
+    from recbole_weaverec.registry import get_model_class
+
+    props = PACKAGE / "properties" / "model"
+    shared = yaml.safe_load((props / "base" / "llm.yaml").read_text())
+    assert len(shared) > 30
+    for name in ("LLMRec", "LLMJoint", "LLMMerge", "WeaveRec"):
+        assert issubclass(get_model_class(name), LLMRecommender) and get_model_class(name).config_family == "llm"
+        own = yaml.safe_load((props / f"{name}.yaml").read_text()) or {}
+        assert not set(own) & set(shared), (name, sorted(set(own) & set(shared)))
+        # no dataset-specific default sources in a model file: the sample's default is applied in code
+        assert own.get("source_domains") is None

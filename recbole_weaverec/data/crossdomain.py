@@ -16,6 +16,20 @@ def raw_data_path(config):
     return os.path.dirname(os.path.normpath(config["data_path"]))
 
 
+# the bundled sample domains (recbole_weaverec/dataset/): a cross-domain model on toys-sample weaves in
+# beauty-sample unless source_domains is given
+SAMPLE_SOURCES = {"toys-sample": ["beauty-sample"]}
+
+
+def with_sample_sources(config):
+    """Unset ``source_domains`` on a bundled sample target whose sample sources sit beside it -> those sources."""
+    given = config["source_domains"] if "source_domains" in config else None
+    default = SAMPLE_SOURCES.get(config["dataset"])
+    if given is None and default and all(
+            os.path.isfile(os.path.join(raw_data_path(config), d, f"{d}.inter")) for d in default):
+        config["source_domains"] = list(default)
+
+
 def domain_list(config, key="source_domains", required=False, min_len=1, allow_target=False):
     """Validated list of domain names from ``config[key]``: a list of str, existing under data_path."""
     value = config[key] if key in config else None

@@ -16,7 +16,7 @@ from recbole.utils import InputType, ModelType
 
 from recbole_weaverec.checks import check_bool, check_choice, check_int, check_number
 from recbole_weaverec.config import ConfigError
-from recbole_weaverec.data.crossdomain import check_domain_files, domain_list
+from recbole_weaverec.data.crossdomain import check_domain_files, domain_list, with_sample_sources
 from recbole_weaverec.errors import FullSortTooLargeError
 from recbole_weaverec.merging import check_adapter_paths
 from recbole_weaverec.model.llm.backbone import load_backbone
@@ -34,8 +34,13 @@ class LLMRecommender(SequentialRecommender):
     input_type = InputType.POINTWISE
     trainer_class = LLMTrainer
 
+    config_family = "llm"  # defaults: properties/model/base/llm.yaml, then properties/model/NAME.yaml
+    uses_sources = False  # models with source domains get the bundled sample's default sources
+
     @classmethod
     def validate_config(cls, config):
+        if cls.uses_sources:
+            with_sample_sources(config)
         for key in ("max_history", "max_title_tokens", "lora_r", "epochs", "train_batch_size",
                     "gradient_accumulation_steps", "score_chunk_size", "max_full_sort_items"):
             check_int(config, key, low=1)

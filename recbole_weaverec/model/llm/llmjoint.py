@@ -9,6 +9,8 @@ from recbole_weaverec.model.llm.samples import build_samples, load_source, mix_s
 
 
 class LLMJoint(LLMRec):
+    uses_sources = True
+
     @classmethod
     def validate_config(cls, config):
         super().validate_config(config)

@@ -38,6 +38,8 @@ def merge_weights(config, k):
 
 
 class LLMMerge(LLMRecommender):
+    uses_sources = True
+
     @classmethod
     def validate_config(cls, config):
         super().validate_config(config)

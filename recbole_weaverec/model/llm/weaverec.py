@@ -38,7 +38,7 @@ import torch
 
 from recbole_weaverec import merging
 from recbole_weaverec.config import ConfigError
-from recbole_weaverec.data.crossdomain import domain_list, raw_data_path
+from recbole_weaverec.data.crossdomain import domain_list, with_sample_sources
 from recbole_weaverec.checks import check_bool, check_choice, check_int, check_number
 from recbole_weaverec.model.llm.llmmerge import LLMMerge
 from recbole_weaverec.model.llm.scoring import score_candidates
@@ -48,8 +48,6 @@ from recbole_weaverec.model.llm.samples import build_samples, load_source, mix_s
 
 MERGES = ("average", "weights", "learned")
 HYBRID_SEP = "~"  # hybrid module of target T and source S: "T~S"
-# the bundled sample domains: WeaveRec on toys-sample weaves in beauty-sample unless source_domains is given
-SAMPLE_SOURCES = {"toys-sample": ["beauty-sample"]}
 
 
 class WeaveTrainer(LLMTrainer):
@@ -87,12 +85,8 @@ class WeaveRec(LLMMerge):
     @classmethod
     def validate_config(cls, config):
         super(LLMMerge, cls).validate_config(config)  # LLMRecommender's checks; LLMMerge's merge_* keys are not ours
-        sources = config["source_domains"] if "source_domains" in config else None
-        if sources is None and config["dataset"] in SAMPLE_SOURCES:
-            default = SAMPLE_SOURCES[config["dataset"]]
-            if all(os.path.isfile(os.path.join(raw_data_path(config), d, f"{d}.inter")) for d in default):
-                config["source_domains"] = sources = list(default)
-        if not sources:
+        with_sample_sources(config)
+        if not (config["source_domains"] if "source_domains" in config else None):
             raise ConfigError("source_domains is empty: WeaveRec needs at least one source domain "
                               "(e.g. --source_domains=\"[amazon-beauty]\"); for the target-only model use "
                               "--model=LLMRec")

@@ -67,7 +67,7 @@ def cache_key(dconfig, encoder_path):
 
 
 def default_cache_dir():
-    from recbole_weaverec.textembed import DEFAULT_CACHE_DIR
+    from recbole_weaverec.hf.resolve import DEFAULT_CACHE_DIR
 
     return Path(DEFAULT_CACHE_DIR) / "mergerec"
 
