@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from recbole_weaverec.files import replacing
 from recbole_weaverec.hf.embedded import ENCODER, encoder_folder as default_encoder_path
 from recbole_weaverec.hf.resolve import DEFAULT_CACHE_DIR, resolve_path
 
@@ -145,21 +146,15 @@ def read_cached(path, n):
 
 
 def write_cached(path, emb, metadata):
-    """Write atomically (a temp file in the same folder, then os.replace): a concurrent or interrupted run never
-    sees half a file. A cache that cannot be written (read-only or full disk) costs a warning, not the run."""
+    """Write atomically (``files.replacing``): a concurrent or interrupted run never sees half a file. A cache that
+    cannot be written (read-only or full disk) costs a warning, not the run."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"embeddings": emb.contiguous()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            save_file({"embeddings": emb.contiguous()}, str(tmp), metadata=metadata)
     except (OSError, SafetensorError) as e:
         reason = getattr(e, "strerror", None) or e
         logging.getLogger().warning(f"text embedding cache {path} not written ({reason}); the embeddings are used "
                                     f"without caching")
-    finally:
-        if tmp.exists():
-            tmp.unlink()
