@@ -143,7 +143,7 @@ def score_probe(args, path, overrides):
 
 
 def naive_probe(args, n_users):
-    from recbole_weaverec.model.llm.scoring import naive_scores
+    from recbole_weaverec.testing import naive_scores
 
     model = _model(args, {"max_train_samples": args.speed_users})
     model.fold()

@@ -61,8 +61,7 @@ class PeakRSS:
 
 
 def write_slices(out, users, seed):
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import write_slice
+    from recbole_weaverec.testing import write_slice
 
     for d in DOMAINS:
         if not (out / d / f"{d}.inter").is_file():

@@ -19,28 +19,6 @@ def needs_shared_data():
                               reason=f"real Amazon domains not found at {SHARED_DATA}")
 
 
-def write_slice(src_root, domain, out_root, n_users=300, seed=0, name=None):
-    """A small slice of a real domain (whole sequences of ``n_users`` random users) as RecBole atomic files."""
-    import random
-
-    name = name or domain
-    src = Path(src_root) / domain
-    out = Path(out_root) / name
-    out.mkdir(parents=True, exist_ok=True)
-    with open(src / f"{domain}.inter", encoding="utf-8") as f:
-        header, *rows = f.read().splitlines()
-    users = sorted({r.split("\t", 1)[0] for r in rows})
-    keep = set(random.Random(seed).sample(users, min(n_users, len(users))))
-    rows = [r for r in rows if r.split("\t", 1)[0] in keep]
-    items = {r.split("\t")[1] for r in rows}
-    (out / f"{name}.inter").write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
-    with open(src / f"{domain}.item", encoding="utf-8") as f:
-        iheader, *irows = f.read().splitlines()
-    irows = [r for r in irows if r.split("\t", 1)[0] in items]
-    (out / f"{name}.item").write_text("\n".join([iheader, *irows]) + "\n", encoding="utf-8")
-    return out_root
-
-
 def write_tiny_dataset(root, name="tiny", n_users=40, n_items=25, seq_len=(5, 9), seed=0, titles=True):
     """A synthetic dataset in the Amazon layout: users with ordered sequences, items with title/brand/categories."""
     import random

@@ -95,7 +95,8 @@ def _in_batch_training(out):
 
 def _lora_training(out):
     """The LLM LoRA learner on a tiny random Llama: global batch 3 (shards 2/1), gradient accumulation 2."""
-    from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer, tiny_llama
+    from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer
+    from recbole_weaverec.testing import tiny_llama
     from recbole_weaverec.model.llm.prompts import PromptBuilder
     from recbole_weaverec.model.llm.training import LoraLearner, LoraSettings, add_lora
     from recbole_weaverec.model.llm.samples import DomainData, Sample
@@ -170,7 +171,8 @@ def two_processes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two")
     # 37 users: the DistributedSampler pads one shard with a repeated user, which must not be counted
     data = write_tiny_dataset(folder / "data", n_users=37)
-    from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer, tiny_llama
+    from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer
+    from recbole_weaverec.testing import tiny_llama
 
     tokenizer = load_tokenizer(str(embedded_folder()))
     tiny_llama(tokenizer, seed=0).save_pretrained(folder / "llm")

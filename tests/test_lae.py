@@ -10,7 +10,8 @@ from recbole_weaverec.model.lae.l3ae import L3AE
 from recbole_weaverec.model.lae.rlae import RDLAE, RLAE
 from recbole_weaverec.quick_start import build_config, run
 
-from conftest import SHARED_DATA, needs_shared_data, write_slice
+from conftest import SHARED_DATA, needs_shared_data
+from recbole_weaverec.testing import write_slice
 
 FAST = {"state": "WARNING", "show_progress": False}
 PARITY = {**FAST, "tie_break": "none", "test_history": "train"}
@@ -270,7 +271,8 @@ def test_our_ease_equals_recboles(tmp_path, run_dir, mode):
 
 def test_l3ae_llm_backbone_encoder(tiny_data, run_dir):
     """``text_encoder_path: llm:<folder>`` mean-pools a causal LM's last hidden states (tiny random Llama here)."""
-    from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer, tiny_llama
+    from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer
+    from recbole_weaverec.testing import tiny_llama
 
     tokenizer = load_tokenizer(str(embedded_folder()))
     folder = run_dir / "tiny-llama"

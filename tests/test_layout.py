@@ -200,3 +200,13 @@ def test_family_defaults_are_written_once():
         assert not set(own) & set(shared), (name, sorted(set(own) & set(shared)))
         # no dataset-specific default sources in a model file: the sample's default is applied in code
         assert own.get("source_domains") is None
+
+
+def test_test_helpers_live_in_testing_and_benchmarks_never_import_tests():
+    helpers = {"tiny_llama", "naive_scores", "write_slice"}
+    for module, path in _modules().items():
+        defined = {n.name for n in ast.parse(path.read_text(encoding="utf-8")).body if isinstance(n, ast.FunctionDef)}
+        assert module == "recbole_weaverec.testing" or not defined & helpers, (module, defined & helpers)
+    for path in (REPO / "benchmarks").glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert "conftest" not in text and '"tests"' not in text, path.name

@@ -7,12 +7,15 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA, needs_shared_data, write_slice, write_tiny_dataset
+from conftest import REPO, SHARED_DATA, needs_shared_data, write_tiny_dataset
+from recbole_weaverec.testing import write_slice
 from recbole_weaverec import merging
-from recbole_weaverec.model.llm.backbone import (LLMNotFoundError, embedded_folder, load_tokenizer,
-                                                 resolve_llm_path, set_base_name, tiny_llama)
+from recbole_weaverec.model.llm.backbone import (LLMNotFoundError, embedded_folder, load_tokenizer, resolve_llm_path,
+                                                 set_base_name)
+from recbole_weaverec.testing import tiny_llama
 from recbole_weaverec.model.llm.prompts import IGNORE_INDEX, PromptBuilder
-from recbole_weaverec.model.llm.scoring import naive_scores, score_candidates
+from recbole_weaverec.model.llm.scoring import score_candidates
+from recbole_weaverec.testing import naive_scores
 from recbole_weaverec.model.llm.training import (AdapterMismatchError, LoraLearner, LoraSettings, add_lora,
                                                  answer_loss, load_adapter, save_adapter, train_adapter)
 from recbole_weaverec.model.llm.samples import DomainData, Sample, build_samples, collate

@@ -3,9 +3,11 @@ gradient checkpointing and packed-answer scoring each leave the numbers of the p
 import pytest
 import torch
 
-from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer, tiny_llama
+from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer
+from recbole_weaverec.testing import tiny_llama
 from recbole_weaverec.model.llm.prompts import PromptBuilder
-from recbole_weaverec.model.llm.scoring import naive_scores, packed_answers, score_candidates
+from recbole_weaverec.model.llm.scoring import packed_answers, score_candidates
+from recbole_weaverec.testing import naive_scores
 from recbole_weaverec.model.llm.training import LoraLearner, LoraSettings, add_lora, batches, frozen_weights_as, passes
 from recbole_weaverec.model.llm.samples import DomainData, Sample
 

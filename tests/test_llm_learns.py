@@ -185,7 +185,8 @@ def test_cached_scoring_and_padded_training_see_the_positions_of_one_sequence():
     training loss equals the single-sequence losses, on a model whose outputs depend on positions (so an answer
     pass one position off, pads that are attended, or a mask off by one cannot hide in the tolerance)."""
     from recbole_weaverec.model.llm.prompts import IGNORE_INDEX, PromptBuilder
-    from recbole_weaverec.model.llm.scoring import naive_scores, score_candidates
+    from recbole_weaverec.model.llm.scoring import score_candidates
+    from recbole_weaverec.testing import naive_scores
     from recbole_weaverec.model.llm.training import answer_loss
     from recbole_weaverec.model.llm.samples import collate
 

@@ -13,7 +13,8 @@ from recbole_weaverec.merging import combine_task_vectors, prepare_task_vectors,
 from recbole_weaverec.model.twotower.distill import distill_loss, pseudo_users
 from recbole_weaverec.quick_start import build_config, run
 
-from conftest import REPO, SHARED_DATA, needs_shared_data, write_slice, write_tiny_dataset
+from conftest import REPO, SHARED_DATA, needs_shared_data, write_tiny_dataset
+from recbole_weaverec.testing import write_slice
 from test_twotower import make_tiny_encoder
 
 SMALL = {"epochs": 1, "train_batch_size": 16, "max_user_tokens": 32, "max_item_tokens": 12, "learning_rate": 1e-3,

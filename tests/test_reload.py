@@ -74,7 +74,8 @@ def test_recbole_quick_start_imports_and_routes_here():
 
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):
-    from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer, tiny_llama
+    from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer
+    from recbole_weaverec.testing import tiny_llama
 
     folder = tmp_path_factory.mktemp("tinyllm")
     tokenizer = load_tokenizer(str(embedded_folder()))  # the real SmolLM2 tokenizer, a tiny random Llama

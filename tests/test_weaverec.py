@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA, needs_shared_data, write_slice, write_tiny_dataset
+from conftest import REPO, SHARED_DATA, needs_shared_data, write_tiny_dataset
+from recbole_weaverec.testing import write_slice
 from recbole_weaverec import merging
 from recbole_weaverec.config import ConfigError
-from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer, tiny_llama
+from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer
+from recbole_weaverec.testing import tiny_llama
 from recbole_weaverec.model.llm.scoring import score_candidates
 from recbole_weaverec.model.llm.training import LoraSettings, add_lora, save_adapter
 from recbole_weaverec.model.llm.samples import encode_sample, load_source

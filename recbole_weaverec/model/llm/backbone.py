@@ -55,20 +55,3 @@ def set_base_name(model, name):
 def base_name(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(base.config, NAME_KEY, None) or base.config._name_or_path
-
-
-def tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
-               seed=0, name="tiny-random-llama"):
-    """A tiny randomly initialised LlamaForCausalLM with ``tokenizer``'s vocabulary (for tests and examples)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-                         num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                         num_key_value_heads=num_kv_heads, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    set_base_name(model, name)
-    return model.eval()

@@ -86,17 +86,3 @@ def _score(model, prompt_ids, answers, chunk_size, keep_graph):
         scores.append(logp / lengths)
     out = torch.cat(scores).float()
     return out if keep_graph else out.cpu()
-
-
-@torch.inference_mode()
-def naive_scores(model, prompt_ids, answers):
-    """The same scores from one full forward pass per candidate (the reference point for tests and benchmarks)."""
-    device = next(model.parameters()).device
-    out = []
-    for answer in answers:
-        ids = torch.tensor([list(prompt_ids) + list(answer)], dtype=torch.long, device=device)
-        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-        n = len(prompt_ids)
-        tok = logp[n - 1:n - 1 + len(answer)].gather(-1, ids[0, n:, None])[:, 0]
-        out.append(tok.sum() / len(answer))
-    return torch.stack(out).cpu()
