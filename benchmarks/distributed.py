@@ -141,7 +141,7 @@ def main():
   Scoring: {args.users} users x 30 candidates, sharded over the processes, scores gathered to rank 0.
 - On this 2-core CPU, N processes split the same 2 cores (cores/N threads each), so data parallelism cannot add
   compute: expect about 1x, minus the gradient all-reduce and duplicated Python work. The point of the mechanism is
-  several GPUs or machines (README, "Scaling out"); this only shows it runs and what it costs here. The machine is
+  several GPUs or machines (docs/scaling.md); this only shows it runs and what it costs here. The machine is
   shared with other jobs (load average column, on 2 cores): wall-clock samples/s then mostly measure the share of the
   CPU the job got (N processes get a bigger share of a contended machine), so read the CPU-seconds columns: they
   show what data parallelism costs in total work here (all-reduce, duplicated tokenisation and Python).

@@ -11,7 +11,7 @@ def build_parser():
     p.add_argument("--model", "-m", default=None, help="model name (ours or RecBole's; recbole:NAME forces RecBole's)")
     p.add_argument("--dataset", "-d", default=None, help="dataset name under data_path (default: toys-sample)")
     p.add_argument("--config_files", default=None, help="space-separated YAML files")
-    # RecBole's multi-process keys (see recbole_weaverec/distributed.py and the README's "Scaling out")
+    # RecBole's multi-process keys (see recbole_weaverec/distributed.py and docs/scaling.md)
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (default 1)")
     p.add_argument("--world_size", type=int, default=-1, help="processes on all machines (default: nproc)")
     p.add_argument("--ip", default="localhost", help="address of the machine running global rank 0")
