@@ -43,7 +43,11 @@ class LLMMerge(LLMRecommender):
     @classmethod
     def validate_config(cls, config):
         super().validate_config(config)
-        sources = domain_list(config, "source_domains", required=True)
+        cls.validate_merge(config, domain_list(config, "source_domains", required=True))
+
+    @classmethod
+    def validate_merge(cls, config, sources):
+        """The merge's own keys (a subclass with another merge, as WeaveRec, checks its own instead)."""
         check_choice(config, "merge_method", METHODS)
         check_number(config, "merge_density", low=0, high=1, low_open=True)
         check_number(config, "merge_lambda")

@@ -84,13 +84,15 @@ class WeaveRec(LLMMerge):
 
     @classmethod
     def validate_config(cls, config):
-        super(LLMMerge, cls).validate_config(config)  # LLMRecommender's checks; LLMMerge's merge_* keys are not ours
         with_sample_sources(config)
         if not (config["source_domains"] if "source_domains" in config else None):
             raise ConfigError("source_domains is empty: WeaveRec needs at least one source domain "
                               "(e.g. --source_domains=\"[amazon-beauty]\"); for the target-only model use "
                               "--model=LLMRec")
-        sources = domain_list(config, "source_domains", required=True)  # existing, no duplicates, not the target
+        super().validate_config(config)  # the LLM keys; the sources exist, are distinct and are not the target
+
+    @classmethod
+    def validate_merge(cls, config, sources):  # WeaveRec's weave_* keys instead of LLMMerge's merge_* keys
         check_choice(config, "weave_merge", MERGES)
         check_int(config, "weave_target_samples", low=1, allow_none=True)
         check_int(config, "weave_source_samples", low=1, allow_none=True)
