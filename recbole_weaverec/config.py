@@ -146,7 +146,10 @@ class WeaveConfig(Config):
     def _set_default_parameters(self):
         check_recbole_keys(self.final_config_dict)  # before RecBole reads them (it fails deep inside, or late)
         warn_typos(self.external_config_dict, self.internal_config_dict)
+        given = self.external_config_dict.get("data_path")
         super()._set_default_parameters()
+        if self.dataset == "ml-100k" and given:  # RecBole swaps in its bundled copy for this name, even over ours
+            self.final_config_dict["data_path"] = os.path.join(given, self.dataset)
         data_path = self.final_config_dict["data_path"]
         if not os.path.isdir(data_path):
             raise FileNotFoundError(

@@ -67,6 +67,17 @@ def test_missing_dataset_names_the_path(tmp_path):
         build_config("EASE", "nope", config_dict={"data_path": str(tmp_path)})
 
 
+def test_a_given_data_path_is_honoured_for_ml_100k(tmp_path):
+    """RecBole replaces data_path by its bundled copy for the name ml-100k; a user's data_path wins here."""
+    from conftest import write_tiny_dataset
+
+    write_tiny_dataset(tmp_path, name="ml-100k")
+    config = build_config("EASE", "ml-100k", config_dict={"data_path": str(tmp_path)})
+    assert Path(config["data_path"]) == tmp_path / "ml-100k"
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "other" / "ml-100k")):
+        build_config("EASE", "ml-100k", config_dict={"data_path": str(tmp_path / "other")})
+
+
 @pytest.mark.parametrize("mode", ["full", "uni29"])
 def test_run_returns_run_recbole_dict(tiny_data, run_dir, mode):
     result = run("EASE", "tiny", config_dict={"data_path": str(tiny_data), "eval_mode": mode, **FAST})
