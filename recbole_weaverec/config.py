@@ -47,6 +47,28 @@ def _merge(base, update):
     return out
 
 
+# what a domain may set for itself (beside its files or in ``domain_settings``): how its files are read and which
+# of its fields are item text; everything else (the model, training, evaluation) is the run's
+DOMAIN_KEYS = ("USER_ID_FIELD", "ITEM_ID_FIELD", "TIME_FIELD", "RATING_FIELD", "load_col", "unload_col",
+               "field_separator", "seq_separator", "title_field", "title_fallback_field", "text_fields")
+
+
+def domain_settings(config, dataset):
+    """``config['domain_settings'][dataset]`` ({domain: {key: value}}, keys from DOMAIN_KEYS), checked."""
+    given = config.get("domain_settings")
+    if given is None:
+        return {}
+    if not isinstance(given, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in given.items()):
+        raise ConfigError(f"domain_settings={given!r} is not allowed: expected {{domain: {{key: value}}}}, e.g. "
+                          f"\"{{'ml-100k': {{'title_field': 'movie_title'}}}}\"")
+    for name, keys in given.items():
+        unknown = sorted(set(keys) - set(DOMAIN_KEYS))
+        if unknown:
+            raise ConfigError(f"domain_settings[{name!r}]: {unknown} are not domain settings; allowed: "
+                              f"{', '.join(DOMAIN_KEYS)}")
+    return given.get(dataset, {})
+
+
 class WeaveConfig(Config):
     """``Config`` for our models and RecBole's: same constructor plus ``cmd_args`` (a list of ``--key=value``).
 
@@ -125,9 +147,23 @@ class WeaveConfig(Config):
                 self.internal_config_dict = _merge(self.internal_config_dict, layer)
                 if file == dataset_file:
                     self.parameters["Dataset"] += [k for k in layer if k not in self.parameters["Dataset"]]
+        # the domain's own settings, in a YAML file beside its atomic files (its field names, load_col, title field):
+        # every model, and every cross-domain model that loads it as a source, reads the domain as it describes itself
+        given = self.external_config_dict.get("data_path")
+        if given or dataset != "ml-100k":  # (without data_path RecBole reads its own bundled ml-100k)
+            beside = Path(os.path.expanduser(str(given or DEFAULT_DATA_PATH))) / dataset / f"{dataset}.yaml"
+            if beside.is_file():
+                layer = self._load_config_files([str(beside)])
+                unknown = sorted(set(layer) - set(DOMAIN_KEYS))
+                if unknown:
+                    raise ConfigError(f"{beside}: {unknown} are not domain settings; a domain's YAML may set "
+                                      f"{', '.join(DOMAIN_KEYS)}")
+                self.internal_config_dict = _merge(self.internal_config_dict, layer)
+                self.parameters["Dataset"] += [k for k in layer if k not in self.parameters["Dataset"]]
 
     def _get_final_config_dict(self):
         final = _merge(self.internal_config_dict, self.external_config_dict)
+        final = _merge(final, domain_settings(final, self.dataset))
         if "data_path" not in self.external_config_dict:
             final["data_path"] = str(DEFAULT_DATA_PATH)
         # RecBole's overall.yaml samples a training negative, which its own CE-loss models (SASRec, GRU4Rec, ...)
