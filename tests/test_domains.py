@@ -72,3 +72,21 @@ def test_bad_domain_settings_are_named(two_platforms):
     (two_platforms / "films" / "films.yaml").write_text(FILMS_YAML + "learning_rate: 0.1\n")
     with pytest.raises(ConfigError, match=r"films.yaml: \['learning_rate'\] are not domain settings"):
         build_config("EASE", "films", config_dict=common)
+
+
+def test_a_source_without_its_title_field_fails_before_anything_trains(two_platforms, tmp_path, monkeypatch):
+    """films without its YAML: title_field=title is not among its fields -> one line naming the domain and the
+    field, raised while the model is built (before θ0 trains), and no training step is taken."""
+    from recbole_weaverec.data.itemtext import MissingTextFieldError
+    from recbole_weaverec.model.llm import training
+    from recbole_weaverec.quick_start import run
+
+    (two_platforms / "films" / "films.yaml").unlink()
+    steps = []
+    monkeypatch.setattr(training.LoraLearner, "_step", lambda *a, **k: steps.append(1))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MissingTextFieldError, match=r"domain 'films': title_field='title' is not one of its item "
+                                                    r"fields \(its .item file has \['item_id', 'movie_title', 'genre'\]\)"):
+        run("WeaveRec", "shop", config_dict={"data_path": str(two_platforms), "source_domains": ["films"],
+                                             "show_progress": False})
+    assert not steps
