@@ -15,7 +15,7 @@ import torch
 
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data import itemtext
-from recbole_weaverec.checks import check_number
+from recbole_weaverec.checks import check_number, name_list
 from recbole_weaverec.model.lae.base import LinearAutoencoder
 from recbole_weaverec.textembed import encode_texts, resolve_encoder_path
 
@@ -31,8 +31,7 @@ def _check_positive_int(config, key):
 
 def item_text_embeddings(config, dataset, device=None):
     """F (float32, items x d): one row per internal item id, row 0 (the padding item) zero; cached on disk."""
-    fields = config["text_fields"]
-    fields = [fields] if isinstance(fields, str) else list(fields)
+    fields = list(name_list(config["text_fields"]))  # "[movie_title]" from the command line, too
     itemtext.check_fields(dataset, fields, require_all=True)
     texts = itemtext.item_texts(dataset, fields)
     emb = encode_texts(
@@ -54,9 +53,7 @@ class L3AE(LinearAutoencoder):
         if lx + le <= 0:
             raise ConfigError(f"reg_weight_x + reg_weight_e = {lx} + {le} = {lx + le} is not allowed: the sum must "
                               f"be > 0 (reg_weight_x may be negative only when reg_weight_e outweighs it)")
-        fields = config["text_fields"]
-        if isinstance(fields, str):
-            fields = [fields]
+        fields = name_list(config["text_fields"])
         if not fields or not all(isinstance(f, str) and f for f in fields):
             raise ConfigError(f"text_fields={config['text_fields']!r} is not allowed: expected a list of item "
                               f"field names, e.g. [title, brand, categories]")
