@@ -18,6 +18,7 @@ from recbole_weaverec.config import ConfigError, WeaveConfig
 from recbole_weaverec.data.checks import check_dataset_files
 from recbole_weaverec.distributed import check_launch, is_main
 from recbole_weaverec.distributed import init_logger as init_rank_logger  # log file on rank 0 only
+from recbole_weaverec.model import abstract as hooks
 from recbole_weaverec.reload import as_tested, build_saved_config, read_checkpoint
 from recbole_weaverec.runfiles import JournaledList, RunFiles, sigterm_as_exit
 
@@ -28,15 +29,13 @@ DEFAULT_MODEL = "WeaveRec"  # the README's main job: WeaveRec on toys-sample wit
 def build_config(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None):
     config = WeaveConfig(model=model, dataset=dataset, config_file_list=config_file_list,
                          config_dict=config_dict, cmd_args=cmd_args)
-    validate = getattr(config.model_class, "validate_config", None)
-    if validate is not None:  # our models check their hyperparameters before anything is written
-        validate(config)
+    hooks.validate(config)  # our models check their hyperparameters before anything is written
     return config
 
 
 def get_trainer_class(config, model_class):
     """A model may name its own trainer (a subclass of RecBole's); otherwise RecBole picks one by model type."""
-    return getattr(model_class, "trainer_class", None) or get_trainer(config["MODEL_TYPE"], config["model"])
+    return hooks.trainer_class(model_class) or get_trainer(config["MODEL_TYPE"], config["model"])
 
 
 def _size_eval_batch(config, dataset):
@@ -182,9 +181,7 @@ def _run(config, saved):
     config.final_config_dict["_run_outputs"].append(trainer.saved_model_file)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"])
-    before_test = getattr(model, "before_test", None)
-    if before_test is not None:  # e.g. LAE models that add the validation rows to the test history
-        before_test(valid_data)
+    hooks.before_test(model, valid_data)  # e.g. LAE models that add the validation rows to the test history
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
@@ -195,7 +192,7 @@ def _run(config, saved):
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
-        **(getattr(model, "extra_results", None) or {}),  # e.g. WeaveRec's target_only_test_result
+        **hooks.extra_results(model),  # e.g. WeaveRec's target_only_test_result
     }
 
 

@@ -22,6 +22,7 @@ import torch
 from recbole_weaverec import compat  # noqa: F401  (numpy aliases and safe globals before RecBole / torch.load)
 from recbole_weaverec.config import WeaveConfig
 from recbole_weaverec.errors import CheckpointError, MissingAdapterError
+from recbole_weaverec.model import abstract as hooks
 
 # derived by Config itself from the keys a user sets (fed back they would be taken as user settings and, for
 # local_rank, start a process group); "_run_outputs" is quick_start's list of files to remove after a failed run
@@ -90,9 +91,7 @@ def build_saved_config(checkpoint, config_dict=None):
     (e.g. ``data_path`` of a moved dataset folder, or ``gpu_id``)."""
     saved = checkpoint["config"]
     config = SavedConfig(saved_model_name(checkpoint), saved_config_dict(saved), dict(config_dict or {}))
-    validate = getattr(config.model_class, "validate_config", None)
-    if validate is not None:  # as quick_start.build_config: our models check their values before anything runs
-        validate(config)
+    hooks.validate(config)  # as quick_start.build_config: our models check their values before anything runs
     changed = sorted(k for k, v in saved.items() if k not in DERIVED_KEYS and k not in (config_dict or {})
                      and compat.plain_value(config.final_config_dict.get(k)) != v)
     if changed:  # the split or the model would differ from the saved run's
@@ -109,9 +108,7 @@ def as_tested(model, config, valid_data, model_file):
             _remerge(model, config, valid_data, model_file)
         else:
             model.fold()  # what LLMTrainer does before the final evaluation (merge_and_unload)
-    before_test = getattr(model, "before_test", None)
-    if before_test is not None:  # as quick_start._run does before the test evaluation
-        before_test(valid_data)
+    hooks.before_test(model, valid_data)  # as quick_start._run does before the test evaluation
 
 
 def _remerge(model, config, valid_data, model_file):

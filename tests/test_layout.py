@@ -210,3 +210,11 @@ def test_test_helpers_live_in_testing_and_benchmarks_never_import_tests():
     for path in (REPO / "benchmarks").glob("*.py"):
         text = path.read_text(encoding="utf-8")
         assert "conftest" not in text and '"tests"' not in text, path.name
+
+
+def test_every_model_of_the_package_has_the_documented_hooks():
+    from recbole_weaverec.model.abstract import ModelHooks
+    from recbole_weaverec.registry import MODELS, get_model_class
+
+    for name in MODELS:
+        assert issubclass(get_model_class(name), ModelHooks), name

@@ -10,6 +10,7 @@ from recbole.model.abstract_recommender import GeneralRecommender
 from recbole.utils import InputType, ModelType
 
 from recbole_weaverec.checks import check_choice
+from recbole_weaverec.model.abstract import ModelHooks
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TIE_BREAKS = ("none", "random", "popularity")
@@ -29,7 +30,7 @@ def solve_spd_inverse(A):
     return P if P.is_contiguous() else P.mT
 
 
-class LinearAutoencoder(GeneralRecommender):
+class LinearAutoencoder(ModelHooks, GeneralRecommender):
     input_type = InputType.POINTWISE
     type = ModelType.TRADITIONAL
 

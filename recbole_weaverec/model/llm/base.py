@@ -18,6 +18,7 @@ from recbole_weaverec.checks import check_bool, check_choice, check_int, check_n
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.crossdomain import check_domain_files, domain_list, with_sample_sources
 from recbole_weaverec.errors import FullSortTooLargeError
+from recbole_weaverec.model.abstract import ModelHooks
 from recbole_weaverec.merging import check_adapter_paths
 from recbole_weaverec.model.llm.backbone import load_backbone
 from recbole_weaverec.model.llm.prompts import PromptBuilder
@@ -29,7 +30,7 @@ from recbole_weaverec.model.llm.samples import domain_data
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class LLMRecommender(SequentialRecommender):
+class LLMRecommender(ModelHooks, SequentialRecommender):
     type = ModelType.SEQUENTIAL
     input_type = InputType.POINTWISE
     trainer_class = LLMTrainer

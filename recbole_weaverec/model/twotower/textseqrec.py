@@ -14,13 +14,14 @@ from recbole_weaverec import distributed
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.itemtext import MissingTextFieldError, item_texts
 from recbole_weaverec.checks import check_choice, check_int, check_number, name_list
+from recbole_weaverec.model.abstract import ModelHooks
 from recbole_weaverec.model.twotower.encoder import TextTower
 from recbole_weaverec.textembed import resolve_encoder_path
 
 SOFTMAX = ("in_batch", "full")
 
 
-class TextSeqRec(SequentialRecommender):
+class TextSeqRec(ModelHooks, SequentialRecommender):
     input_type = InputType.POINTWISE
     type = ModelType.SEQUENTIAL
 
