@@ -84,6 +84,11 @@ def test_grid_expansion(data, tmp_path):
     ({"datasets": ["tiny", "nope"]}, "dataset 'nope' not found"),
     ({"models": [{"model": "BPR", "source_domains": ["nope"]}]}, "dataset 'nope' not found"),
     ({"seeds": [1, "2"]}, "seeds must be"),
+    ({"protocols": ["uni0"]}, "protocol 'uni0'"),
+    ({"protocols": ["uni-5"]}, "protocol 'uni-5'"),
+    ({"seeds": [1, 2**32]}, "seeds has 4294967296: seeds must be integers from 0 to 4294967295"),
+    ({"seeds": [-1]}, "seeds has -1"),
+    ({"sample_seed": -3}, "sample_seed must be an integer"),
 ])
 def test_bad_config_refused(data, tmp_path, over, match):
     with pytest.raises(LeaderboardConfigError, match=match):

@@ -38,7 +38,7 @@ SOURCE_KEYS = ("source_domains", "merge_domains")
 TABLE_ONLY = ("seed", "eval_mode", "eval_args", "data_path", "metrics", "topk", "valid_metric",
               "valid_neg_sample_args", "test_neg_sample_args", "eval_sample_users", "dataset", "model",
               "source_domains", "merge_domains")
-PROTOCOL_RE = re.compile(r"^(full|uni\d+)$")  # popN: RecBole draws those from the global RNG, per model
+PROTOCOL_RE = re.compile(r"^(full|uni[1-9]\d*)$")  # uni0 would score every model 1.0  # popN: RecBole draws those from the global RNG, per model
 
 
 def _check_keys(mapping, allowed, where):
@@ -66,6 +66,9 @@ def _int_list(value, where):
         _fail(f"{where} must be a non-empty list of integers, got {value!r}")
     if len(set(value)) != len(value):
         _fail(f"{where} repeats a seed: {value!r}")
+    bad = [v for v in value if not 0 <= v < 2**32]
+    if bad:  # numpy's generators take 0 .. 2**32 - 1; RecBole would fail inside the cell, after the board started
+        _fail(f"{where} has {bad[0]!r}: seeds must be integers from 0 to {2**32 - 1}")
     return list(value)
 
 
@@ -122,8 +125,9 @@ def validate_config(raw, default_name="leaderboard"):
         _dataset_exists(cfg["data_path"], d, "datasets")
     cfg["seeds"] = _int_list(raw.get("seeds", [2020]), "seeds")
     cfg["sample_seed"] = raw.get("sample_seed", 2020)
-    if not isinstance(cfg["sample_seed"], int) or isinstance(cfg["sample_seed"], bool):
-        _fail(f"sample_seed must be an integer, got {cfg['sample_seed']!r}")
+    if not isinstance(cfg["sample_seed"], int) or isinstance(cfg["sample_seed"], bool) or \
+            not 0 <= cfg["sample_seed"] < 2**32:
+        _fail(f"sample_seed must be an integer from 0 to {2**32 - 1}, got {cfg['sample_seed']!r}")
     timeout = raw.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         _fail(f"timeout must be a positive number of seconds, got {timeout!r}")
