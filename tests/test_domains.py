@@ -6,7 +6,7 @@ from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.crossdomain import domain_config
 from recbole_weaverec.quick_start import build_config
 
-from conftest import write_tiny_dataset
+from conftest import SHARED_DATA, needs_shared_data, write_tiny_dataset
 
 FILMS_YAML = """\
 TIME_FIELD: when
@@ -90,3 +90,20 @@ def test_a_source_without_its_title_field_fails_before_anything_trains(two_platf
         run("WeaveRec", "shop", config_dict={"data_path": str(two_platforms), "source_domains": ["films"],
                                              "show_progress": False})
     assert not steps
+
+
+@needs_shared_data()
+def test_ml_100k_is_read_from_data_path_with_all_its_item_fields():
+    """The real second platform: no load_col and no YAML needed to get its text fields."""
+    from recbole.data import create_dataset
+
+    from recbole_weaverec.data.itemtext import item_titles
+
+    config = build_config("EASE", "ml-100k", config_dict={
+        "data_path": str(SHARED_DATA), "domain_settings": {"ml-100k": {"title_field": "movie_title"}}})
+    dataset = create_dataset(config)
+    dataset.build()  # (RecBole turns the frames into tensors here)
+    assert dataset.item_num == 1683  # 1,682 movies + padding: the shared copy, not RecBole's bundled one
+    assert {"movie_title", "release_year", "class"} <= set(dataset.item_feat.columns)
+    titles = item_titles(dataset, config["title_field"])
+    assert "Toy Story" in titles
