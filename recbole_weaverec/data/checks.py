@@ -32,7 +32,7 @@ from array import array
 
 import numpy as np
 
-from recbole_weaverec.errors import DataFileError
+from recbole_weaverec.errors import DataFileError, MissingTextFieldError
 
 try:  # the strings pandas reads as a missing value (NaN), so they are allowed in float columns
     from pandas._libs.parsers import STR_NA_VALUES as _NA
@@ -101,6 +101,27 @@ def check_atomic_files(folder, dataset, ids=None, load_col=None, unload_col=None
         raise DataFileError(f"{inters[0]} has a header but no interactions: expected one row per interaction "
                             f"after the header line")
     return rows
+
+
+def check_text_fields(config):
+    """The dataset's title field (or, with a fallback, one of the two) is in its .item header and loaded: a source
+    domain that lacks it fails here, in seconds, not when it is loaded after the target's module has trained."""
+    name = config["dataset"]
+    wanted = [(k, config[k]) for k in ("title_field", "title_fallback_field") if k in config and config[k]]
+    if not wanted:
+        return
+    item = os.path.join(config["data_path"], f"{name}.item")
+    if not os.path.isfile(item):
+        raise MissingTextFieldError(f"domain {name!r} has no item file {item}, so no {wanted[0][0]}={wanted[0][1]!r}")
+    with open(item, encoding=config["encoding"] or "utf-8") as f:
+        header = [c.split(":")[0] for c in f.readline().rstrip("\r\n").split(config["field_separator"] or "\t")]
+    loaded = _loaded("item", config["load_col"], config["unload_col"])
+    if not any(f in header and loaded is not False and _is_loaded(f, loaded) for _, f in wanted):
+        key, field = wanted[0]
+        where = f"its .item file has {header}" if field not in header else "load_col/unload_col leave it out"
+        raise MissingTextFieldError(
+            f"domain {name!r}: {key}={field!r} is not one of its item fields ({where}); set {key} for this domain "
+            f"in {name}/{name}.yaml beside its files or in domain_settings: {{{name}: {{{key}: ...}}}}")
 
 
 def _loaded(kind, load_col, unload_col):

@@ -8,7 +8,7 @@ import os
 
 from recbole_weaverec.checks import name_list
 from recbole_weaverec.config import ConfigError, WeaveConfig
-from recbole_weaverec.errors import MissingDomainError, MissingTextFieldError
+from recbole_weaverec.errors import MissingDomainError
 
 
 def raw_data_path(config):
@@ -39,7 +39,7 @@ def domain_list(config, key="source_domains", required=False, min_len=1, allow_t
                               f"e.g. --{key}=\"[amazon-beauty]\"")
         return []
     if isinstance(value, str):  # "--source_domains=[a,b]" reaches us unparsed (RecBole's eval fails on "a-b")
-        value = name_list(value) if value.strip()[:1] + value.strip()[-1:] == "[]" else [value]
+        value = name_list(value)
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{key}={value!r} is not allowed: expected a list of dataset names")
     if len(value) < min_len:
@@ -66,33 +66,12 @@ def domain_config(config, name, **overrides):
 
 def check_domain_files(config, names):
     """Every source domain's atomic files checked before anything trains (they are loaded later, between modules)."""
-    from recbole_weaverec.data.checks import check_dataset_files
+    from recbole_weaverec.data.checks import check_dataset_files, check_text_fields
 
     for name in names:
         dconfig = domain_config(config, name)
         check_dataset_files(dconfig)
-        check_text_fields(dconfig, name)
-
-
-def check_text_fields(dconfig, name):
-    """The domain's title (and fallback) fields are in its .item file and loaded: a source that lacks them fails here,
-    in seconds, not when it is loaded after the target's module has trained."""
-    wanted = [(k, dconfig[k]) for k in ("title_field", "title_fallback_field") if k in dconfig and dconfig[k]]
-    if not wanted:
-        return
-    item = os.path.join(dconfig["data_path"], f"{name}.item")
-    if not os.path.isfile(item):
-        raise MissingTextFieldError(f"domain {name!r} has no item file {item}, so no {wanted[0][0]}={wanted[0][1]!r}")
-    with open(item, encoding="utf-8") as f:
-        header = [c.split(":")[0] for c in f.readline().rstrip("\n").split(dconfig["field_separator"] or "\t")]
-    loaded = (dconfig["load_col"] or {}).get("item") if isinstance(dconfig["load_col"], dict) else None
-    usable = [(k, f) for k, f in wanted if f in header and not (isinstance(loaded, list) and f not in loaded)]
-    if not usable:  # as item_titles: the title field, or with a fallback at least one of the two
-        key, field = wanted[0]
-        where = f"its .item file has {header}" if field not in header else f"load_col.item loads only {loaded}"
-        raise MissingTextFieldError(
-            f"domain {name!r}: {key}={field!r} is not one of its item fields ({where}); set {key} for this domain "
-            f"in {name}/{name}.yaml beside its files or in domain_settings: {{{name}: {{{key}: ...}}}}")
+        check_text_fields(dconfig)
 
 
 def load_domain(config, name, **overrides):
