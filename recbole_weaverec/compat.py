@@ -5,6 +5,11 @@ Config and data loading.)
 What it does, and why:
 - ``OMP_WAIT_POLICY=PASSIVE`` (if unset) before torch starts its thread pool: on small CPU machines the default
   spin-waiting makes element-wise ops ~15x and LoRA training 4-5x slower.
+- ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=64`` (if unset): oneDNN keeps up to 1024 compiled matmul primitives, one per
+  shape, with their reordered bf16 weights; length-bucketed LoRA training makes hundreds of shapes. Capped at 64
+  the main job peaks at 2.47 instead of 2.93 GiB and runs no slower (benchmarks/RESULTS.md, "Main job").
+- ``release_memory()``: glibc keeps freed heap pages of a training run mapped; giving them back between LoRA
+  modules keeps the next module's peak from stacking on the last one's (Linux/glibc only; a no-op elsewhere).
 - numpy 2 removed ``np.float_``, ``np.complex_``, ``np.unicode_`` (RecBole's ``Config.compatibility_settings`` reads
   them to restore ``np.float`` & co., which RecBole's metrics and dataset code still use) and ``np.bool8`` (ray).
   We add them back as aliases of the numpy 2 names; nothing else in numpy changes.
@@ -21,6 +26,7 @@ import os
 import warnings
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")  # read when oneDNN first runs, i.e. after this
 # RecBole 1.2.1's pandas idioms warn on pandas 2.x (they work there; pandas 3 is excluded in setup.py)
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
 # ray 2.6 (imported by recbole.quick_start) imports pkg_resources, which setuptools 80 marks deprecated
@@ -57,6 +63,23 @@ if not hasattr(_sp.dok_matrix, "_update"):
 import torch  # noqa: E402
 
 from recbole_weaverec.errors import CheckpointMismatchError  # noqa: E402
+
+
+def release_memory():
+    """Collect garbage and return the heap's free pages to the system (glibc ``malloc_trim``); False where the C
+    library has no ``malloc_trim``."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        if name:
+            ctypes.CDLL(name).malloc_trim(0)  # returns 1 if pages were released, 0 if there were none
+        return bool(name)
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to trim
+        return False
 
 
 def plain_value(value):

@@ -120,3 +120,22 @@ def test_packed_scoring_equals_one_forward_per_candidate(tokenizer, attn):
     for chunk in (2, 64):
         fast = score_candidates(model, prompt, answers, chunk_size=chunk)
         assert torch.allclose(fast, slow, atol=1e-5), (chunk, (fast - slow).abs().max())
+
+
+@pytest.mark.parametrize("given", [None, "8"])
+def test_onednn_cache_cap_is_a_default_the_user_can_override(given):
+    """The package caps oneDNN's primitive cache (the main job's memory, issue 14.1) unless the user set it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if given is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = given
+    code = ("import os, recbole_weaverec; from recbole_weaverec.compat import release_memory; "
+            "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], release_memory())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    cap, trimmed = out.split()
+    assert cap == (given or "64")
+    if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION"):
+        assert trimmed == "True"  # glibc: malloc_trim was called

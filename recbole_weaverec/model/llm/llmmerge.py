@@ -10,6 +10,7 @@ from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.crossdomain import domain_list
 from recbole_weaverec.checks import check_choice, check_number
 from recbole_weaverec.model.llm.base import LLMRecommender
+from recbole_weaverec.compat import release_memory
 from recbole_weaverec.model.llm.training import check_adapter_base, ensure_adapter, training_key
 from recbole_weaverec.model.llm.samples import build_samples, load_source
 
@@ -92,5 +93,6 @@ class LLMMerge(LLMRecommender):
                                       density=self.config["merge_density"], names=names, seed=self.config["seed"])
         merging.fold_deltas(self.llm, merged)
         self.folded = True
+        release_memory()  # the modules' factors and the merge's temporaries, before scoring starts
         trainer.logger.info(f"merged {len(folders)} adapters ({self.config['merge_method']}) into the base weights: "
                             + ", ".join(f"{n}={f}" for n, f in self.adapter_folders.items()))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from recbole_weaverec import distributed
+from recbole_weaverec.compat import release_memory
 from recbole_weaverec.files import replacing
 from recbole_weaverec.merging import AdapterMismatchError  # one error type for adapter mismatches (re-exported)
 from recbole_weaverec.merging import AdapterFileError, AdapterNotFoundError, check_adapter_folder
@@ -308,6 +309,7 @@ def train_adapter(base, samples, builder, domains, settings, folder, progress=Fa
         save_adapter(peft_model, folder, adapter_meta(peft_model, samples, settings, **meta))
     finally:
         peft_model.unload()  # takes the LoRA layers out; base weights were never touched
+        release_memory()  # the next module (or scoring) starts from the model's own footprint
     return Path(folder), learner
 
 

@@ -43,6 +43,7 @@ from recbole_weaverec.checks import check_bool, check_choice, check_int, check_n
 from recbole_weaverec.model.llm.llmmerge import LLMMerge
 from recbole_weaverec.model.llm.scoring import score_candidates
 from recbole_weaverec.model.llm.trainer import LLMTrainer
+from recbole_weaverec.compat import release_memory
 from recbole_weaverec.model.llm.training import check_adapter_base, ensure_adapter, training_key
 from recbole_weaverec.model.llm.samples import build_samples, load_source, mix_samples
 
@@ -193,6 +194,7 @@ class WeaveRec(LLMMerge):
             self._base_weights = {k: self.llm.get_submodule(k).weight.detach().to("cpu", copy=True) for k in merged}
         merging.fold_deltas(self.llm, merged)
         self.folded = True
+        release_memory()  # the modules' factors and the merge's temporaries, before scoring starts
         trainer.logger.info(
             f"merged {len(folders)} WeaveRec modules ({method}; weights "
             + ", ".join(f"{n}={w:.3f}" for n, w in zip(self.module_names, self.merge_weights))
