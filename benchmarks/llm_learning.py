@@ -38,6 +38,7 @@ VARIANTS = {
     "hist10": {"prompt_candidates": False, "max_history": 10, "max_title_tokens": 10},
     "title6": {"prompt_candidates": False, "max_history": 5, "max_title_tokens": 6},
 }
+DEFAULT_LR, DEFAULT_BATCH = 5e-4, 8  # the first curve's; other values get their own curve label
 KEYS = ["ndcg@5", "hit@5", "ndcg@10", "hit@1", "mrr@5"]
 
 
@@ -49,8 +50,8 @@ def parse():
     p.add_argument("--users", type=int, default=500)
     p.add_argument("--variant", default="short", choices=sorted(VARIANTS))
     p.add_argument("--points", default="0,512,2048,8192", help="training prompts at which the curve is read")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR)
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     p.add_argument("--sasrec-epochs", type=int, default=10)
     p.add_argument("--baselines", default="Pop,EASE,SASRec")
     p.add_argument("--report-only", action="store_true", help="rewrite the RESULTS.md section from rows.jsonl")
@@ -124,7 +125,8 @@ def llm_curve(args, rows):
     from recbole_weaverec.stats import per_user_metrics
 
     points = sorted(int(p) for p in args.points.split(","))
-    done = [p for p in points if rows.get(f"llm/{args.variant}/{p}")]
+    label = curve_label(args)
+    done = [p for p in points if rows.get(f"llm/{label}/{p}")]
     if len(done) == len(points):
         return
     extra = {**VARIANTS[args.variant], "max_train_samples": max(points[-1], 1), "learning_rate": args.lr,
@@ -132,23 +134,27 @@ def llm_curve(args, rows):
     config, net, trainer, _, _, test = setup("LLMRec", args, extra)
     samples = mix_samples([net.samples], seed=2020)  # a seeded order: the first N are a random N
     learner = LoraLearner(net.llm, net.settings, len(samples))
-    state = Path(args.workdir) / f"state-{args.variant}"
-    seconds, position = 0.0, 0
+    state = Path(args.workdir) / f"state-{label}"
+    seconds, cpu, position = 0.0, 0.0, 0
     if done and (state / "trainer.pt").is_file():  # resume after the last finished point
         saved = torch.load(state / "trainer.pt", weights_only=True)
         set_peft_model_state_dict(net.llm, saved["lora"])
         learner.optimizer.load_state_dict(saved["optimizer"])
         learner.scheduler.load_state_dict(saved["scheduler"])
         seconds, position, learner.tokens = saved["seconds"], saved["position"], saved["tokens"]
-        print(f"resumed {args.variant} at N={position} ({seconds:.0f} s of training)", flush=True)
+        cpu = saved.get("cpu_seconds", 0.0)
+        print(f"resumed {label} at N={position} ({seconds:.0f} s of training)", flush=True)
     for i, n in enumerate(points):
-        key = f"llm/{args.variant}/{n}"
-        if rows.get(key):
+        key = f"llm/{label}/{n}"
+        if rows.get(key) or (n == 0 and rows.get(f"llm/{args.variant}/0")):  # one zero-shot row per prompt variant
             continue
+        train_loss = None
         if n > position:
-            start = time.perf_counter()
-            learner.epoch(samples[position:n], net.builder, net.domains, epoch=i, progress=False)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            # the mean answer-token loss over these prompts, measured before each step on them: a training curve
+            train_loss = learner.epoch(samples[position:n], net.builder, net.domains, epoch=i, progress=False)
             seconds += time.perf_counter() - start
+            cpu += time.process_time() - start_cpu
             position = n
         net.llm.merge_adapter()  # score at the base model's cost; unmerged again to go on training
         start = time.perf_counter()
@@ -158,12 +164,23 @@ def llm_curve(args, rows):
         state.mkdir(parents=True, exist_ok=True)
         torch.save({"lora": get_peft_model_state_dict(net.llm), "optimizer": learner.optimizer.state_dict(),
                     "scheduler": learner.scheduler.state_dict(), "seconds": seconds, "position": position,
-                    "tokens": learner.tokens}, state / "trainer.tmp")
+                    "tokens": learner.tokens, "cpu_seconds": cpu}, state / "trainer.tmp")
         os.replace(state / "trainer.tmp", state / "trainer.pt")
-        rows.add(metric_row(key, users, values, model="LLMRec", variant=args.variant, n=n, train_seconds=seconds,
-                            tokens=learner.tokens, s_per_user=scoring, settings=extra))
+        rows.add(metric_row(key, users, values, model="LLMRec", variant=label, n=n, train_seconds=seconds,
+                            cpu_seconds=cpu, train_loss=train_loss, tokens=learner.tokens, s_per_user=scoring,
+                            settings=extra, load=os.getloadavg()[0]))
         print(key, f"ndcg@5 {np.mean(values['ndcg@5']):.4f} after {seconds:.0f} s", flush=True)
         report(args, rows)
+
+
+def curve_label(args):
+    """The curve's name in row keys: the variant, plus the learning rate and batch when not the defaults."""
+    label = args.variant
+    if args.lr != DEFAULT_LR:
+        label += f"-lr{args.lr:g}"
+    if args.batch != DEFAULT_BATCH:
+        label += f"-b{args.batch}"
+    return label
 
 
 def aligned(row, ref):
@@ -181,8 +198,8 @@ def report(args, rows):
     llm = sorted((r for r in rows.rows if r["key"].startswith("llm/")), key=lambda r: (r["variant"], r["n"]))
     base = [r for r in rows.rows if r["key"].startswith("baseline/")]
     pop = rows.get("baseline/Pop")
-    table = ["| model | training prompts | training time | NDCG@5 | Hit@5 | Δ NDCG@5 vs zero-shot [95% CI] | "
-             "Δ NDCG@5 vs Pop [95% CI] |", "|---|---|---|---|---|---|---|"]
+    table = ["| model | training prompts | training time | train loss | NDCG@5 | Hit@5 | Δ NDCG@5 vs zero-shot [95% CI] | "
+             "Δ NDCG@5 vs Pop [95% CI] |", "|---|---|---|---|---|---|---|---|"]
 
     def ci(row, ref):
         if ref is None or ref is row:
@@ -192,27 +209,31 @@ def report(args, rows):
 
     for r in base:
         m = aligned(r, r)
-        table.append(f"| {r['model']} | — | {r['seconds']:.0f} s (fit) | {m['ndcg@5'].mean():.4f} | "
+        table.append(f"| {r['model']} | — | {r['seconds']:.0f} s (fit) | — | {m['ndcg@5'].mean():.4f} | "
                      f"{m['hit@5'].mean():.4f} | — | {ci(r, pop)} |")
     for r in llm:
-        zero = rows.get(f"llm/{r['variant']}/0")
+        zero = rows.get(f"llm/{r['variant']}/0") or rows.get(f"llm/{r['variant'].split('-')[0]}/0")
         m = aligned(r, r)
-        table.append(f"| LLMRec ({r['variant']}) | {r['n']} | {r['train_seconds']:.0f} s | {m['ndcg@5'].mean():.4f} "
-                     f"| {m['hit@5'].mean():.4f} | {ci(r, zero)} | {ci(r, pop)} |")
+        loss = f"{r['train_loss']:.3f}" if r.get("train_loss") is not None else "—"
+        cpu = f" ({r['cpu_seconds']:.0f} CPU s)" if r.get("cpu_seconds") else ""
+        table.append(f"| LLMRec ({r['variant']}) | {r['n']} | {r['train_seconds']:.0f} s{cpu} | {loss} | "
+                     f"{m['ndcg@5'].mean():.4f} | {m['hit@5'].mean():.4f} | {ci(r, zero)} | {ci(r, pop)} |")
     speed = [f"{r['variant']} N={r['n']}: {r['tokens'] / r['train_seconds']:.0f} tok/s training, "
              f"{r['s_per_user']:.2f} s/user scoring" for r in llm if r["train_seconds"] > 0]
     n_users = len(llm[0]["users"]) if llm else (len(base[0]["users"]) if base else 0)
-    spans = sorted({f"{r['variant']}: {r['settings']['max_train_samples']}" for r in llm})
+    spans = sorted({f"{r['variant']}: {r['settings']['max_train_samples']} prompts, lr {r['settings']['learning_rate']:g}, "
+                    f"batch {r['settings']['train_batch_size']}" for r in llm})
     body = "\n".join(table) + f"""
 
 - Target `{args.target}` (whole domain, shared data), test split, uni29 (true next item + 29 sampled, identical for
   every row), **{n_users} seeded test users**; per-user NDCG@5 from RecBole's evaluator (`stats.per_user_metrics`),
   intervals: paired bootstrap over users (scipy, 10,000 resamples, percentile). An interval containing 0 is "no
   difference".
-- LLMRec: embedded SmolLM2-135M-Instruct, LoRA r=16/α=32 on all linear layers, one training run per variant whose
-  cosine schedule spans the largest N (lr {args.lr}, batch {args.batch}, bf16 training, fp32 scoring with the
-  adapter merged); "training prompts" = prompts seen so far. N=0 is the zero-shot model. Prompts the schedule
-  spans: {", ".join(spans) or "—"} (a curve read before its end is still mid-schedule).
+- LLMRec: embedded SmolLM2-135M-Instruct, LoRA r=16/α=32 on all linear layers, one training run per curve whose
+  cosine schedule spans the largest N (bf16 training, fp32 scoring with the adapter merged); "training prompts" =
+  prompts seen so far; "train loss" = mean answer-token loss on the prompts since the previous point, each taken
+  before the step on it (where recorded). N=0 is the zero-shot model of the prompt variant. Each curve's schedule:
+  {"; ".join(spans) or "—"} (a curve read before its end is still mid-schedule).
 - Variants: {", ".join(f"{k} = {v}" for k, v in VARIANTS.items())}.
 - Speed: {"; ".join(speed) or "—"}. Load average at the last row: {os.getloadavg()[0]:.1f}.
 - Rows: `{Path(args.workdir) / "rows.jsonl"}` (copied to `benchmarks/llm_learning_rows.jsonl`); resumable (`--workdir` again).
