@@ -92,6 +92,107 @@ def test_a_source_without_its_title_field_fails_before_anything_trains(two_platf
     assert not steps
 
 
+SMALL = {"max_train_samples": 6, "weave_target_samples": 5, "weave_source_samples": 3, "max_history": 3,
+         "max_title_tokens": 5, "num_prompt_candidates": 6, "train_batch_size": 4, "eval_sample_users": 4,
+         "show_progress": False, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 0.01,
+         "eval_mode": "uni29"}
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer
+    from recbole_weaverec.testing import tiny_llama
+
+    tokenizer = load_tokenizer(str(embedded_folder()))
+    folder = tmp_path_factory.mktemp("tinyllm")
+    tiny_llama(tokenizer, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def recorded_prompts(monkeypatch):
+    """(domain, first history title) of every training prompt encoded from now on."""
+    from recbole_weaverec.model.llm import training
+
+    seen, encode = [], training.encode_sample
+
+    def recording(sample, builder, domains):
+        seen.append((sample.domain, domains[sample.domain].titles[sample.history[0]]))
+        return encode(sample, builder, domains)
+
+    monkeypatch.setattr(training, "encode_sample", recording)
+    return seen
+
+
+@pytest.mark.parametrize("target, source", [("shop", "films"), ("films", "shop")])
+def test_weaverec_runs_end_to_end_across_two_platforms(two_platforms, tiny_llm, tmp_path, monkeypatch, target,
+                                                        source):
+    """θ0 on the target and the hybrid on target + source, each domain read with its own fields, merged and
+    evaluated: the source's prompts carry the source's own titles."""
+    import json
+
+    from recbole_weaverec.model.llm.weaverec import HYBRID_SEP
+    from recbole_weaverec.quick_start import run
+
+    monkeypatch.chdir(tmp_path)
+    prompts = recorded_prompts(monkeypatch)
+    adapters = tmp_path / "adapters"
+    out = run("WeaveRec", target, config_dict={"data_path": str(two_platforms), "source_domains": [source],
+                                               "llm_path": tiny_llm, "adapter_dir": str(adapters), **SMALL})
+    assert 0 <= out["test_result"]["ndcg@5"] <= 1
+    meta = json.loads((adapters / f"{target}{HYBRID_SEP}{source}" / "recbole_weaverec.json").read_text())
+    assert meta["samples"] == {target: SMALL["weave_target_samples"], source: SMALL["weave_source_samples"]}
+    assert (adapters / target / "adapter_model.safetensors").is_file()
+    word = {"films": "Film", "shop": "Widget"}
+    assert {d for d, _ in prompts} == {"shop", "films"}
+    assert all(title.startswith(word[d]) for d, title in prompts), prompts[:5]
+
+
+def test_a_source_with_empty_titles_fails_before_anything_trains(two_platforms, tiny_llm, tmp_path, monkeypatch):
+    """A source whose title field is empty for some items (and no fallback): one line naming the domain and the
+    field before the first module trains; no training step, no adapter folder."""
+    from recbole_weaverec.data.itemtext import MissingTextFieldError
+    from recbole_weaverec.model.llm import training
+    from recbole_weaverec.quick_start import run
+
+    item = two_platforms / "films" / "films.item"
+    item.write_text(item.read_text().replace("Film 0 the movie", "").replace("Film 3 the movie", ""))
+    steps = []
+    monkeypatch.setattr(training.LoraLearner, "_step", lambda *a, **k: steps.append(1))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MissingTextFieldError, match=r"2 item\(s\) of dataset 'films' have an empty 'movie_title'"):
+        run("WeaveRec", "shop", config_dict={"data_path": str(two_platforms), "source_domains": ["films"],
+                                             "llm_path": tiny_llm, "adapter_dir": str(tmp_path / "adapters"),
+                                             **SMALL})
+    assert not steps
+    assert not list((tmp_path / "adapters").glob("*")) if (tmp_path / "adapters").exists() else True
+
+
+@pytest.mark.parametrize("model", ["WeaveRec", "LLMMerge"])
+def test_a_source_too_short_to_train_on_fails_before_anything_trains(two_platforms, tiny_llm, tmp_path, monkeypatch,
+                                                                      model):
+    from recbole_weaverec.errors import DataFileError
+    from recbole_weaverec.model.llm import training
+    from recbole_weaverec.quick_start import run
+
+    inter = two_platforms / "films" / "films.inter"
+    lines = inter.read_text().splitlines()
+    kept, per_user = [lines[0]], {}
+    for line in lines[1:]:  # one interaction per user: no sequence to train on
+        user = line.split("\t")[0]
+        per_user[user] = per_user.get(user, 0) + 1
+        if per_user[user] <= 1:
+            kept.append(line)
+    inter.write_text("\n".join(kept) + "\n")
+    steps = []
+    monkeypatch.setattr(training.LoraLearner, "_step", lambda *a, **k: steps.append(1))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataFileError, match="domain 'films' has no training prefixes"):
+        run(model, "shop", config_dict={"data_path": str(two_platforms), "source_domains": ["films"],
+                                        "llm_path": tiny_llm, "adapter_dir": str(tmp_path / "adapters"), **SMALL})
+    assert not steps
+
+
 @needs_shared_data()
 def test_ml_100k_is_read_from_data_path_with_all_its_item_fields():
     """The real second platform: no load_col and no YAML needed to get its text fields."""

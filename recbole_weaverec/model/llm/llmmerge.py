@@ -11,8 +11,8 @@ from recbole_weaverec.data.crossdomain import domain_list
 from recbole_weaverec.checks import check_choice, check_number
 from recbole_weaverec.model.llm.base import LLMRecommender
 from recbole_weaverec.compat import release_memory
-from recbole_weaverec.model.llm.training import check_adapter_base, ensure_adapter, training_key
-from recbole_weaverec.model.llm.samples import build_samples, load_source
+from recbole_weaverec.model.llm.training import adapter_ready, check_adapter_base, ensure_adapter, training_key
+from recbole_weaverec.model.llm.samples import build_samples, check_trainable, load_source
 
 METHODS = ("average", "weights", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
@@ -62,6 +62,7 @@ class LLMMerge(LLMRecommender):
         super().__init__(config, dataset)
         self.sources = domain_list(config, "source_domains", required=True)
         self.adapter_folders = {}
+        self._loaded = {}  # source name -> DomainData, loaded by load_sources before the first module trains
 
     def domain_key(self, name):
         n = self.config["max_train_samples"]
@@ -76,15 +77,35 @@ class LLMMerge(LLMRecommender):
             return check_adapter_base(self.adapter_paths[name], self.llm)
 
         def make_samples():
-            domain = self.target if name == self.target.name else load_source(self.config, name)
+            domain = self.target if name == self.target.name else self.source_domain(name)
             return build_samples(domain, self.config["max_train_samples"], self._num_candidates(),
                                  self.config["seed"]), {name: domain}
 
         return ensure_adapter(self.llm, self.adapter_root / name, make_samples, self.builder, self.domains,
                               self.settings, self.domain_key(name), self.show_progress, trainer.logger)
 
+    def load_sources(self, modules):
+        """Every domain that a module of this run still has to train on, loaded and checked (files, title fields,
+        empty titles, training prefixes) before the first module trains: a bad source fails in seconds, not after
+        the target's module. ``modules``: (module name, its domain names, training key); reused modules load
+        nothing."""
+        for module, names, key in modules:
+            if module in self.adapter_paths or adapter_ready(self.adapter_root / module, key):
+                continue
+            for name in names:
+                if name == self.target.name:
+                    check_trainable(self.target)
+                elif name not in self._loaded:
+                    self._loaded[name] = load_source(self.config, name)  # a missing file/field, an empty title
+                    check_trainable(self._loaded[name])
+
+    def source_domain(self, name):
+        """A source's DomainData: the one load_sources checked (handed over once), else loaded now."""
+        return self._loaded.pop(name, None) or load_source(self.config, name)
+
     def prepare(self, trainer):
         names = [self.target.name, *self.sources]
+        self.load_sources([(n, [n], self.domain_key(n)) for n in names])
         folders = [self.domain_adapter(name, trainer) for name in names]
         self.adapter_folders = dict(zip(names, folders))
         merging.check_same_base(folders, self.base_name)

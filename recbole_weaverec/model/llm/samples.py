@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from recbole_weaverec.errors import DataFileError
 from recbole_weaverec.model.llm.prompts import IGNORE_INDEX
 
 
@@ -42,8 +43,15 @@ def load_source(config, name):
     """A source domain loaded as its own RecBole dataset (ids and titles never mix with the target's)."""
     from recbole_weaverec.data.crossdomain import load_domain
 
-    _, dataset, (train, _, _) = load_domain(config, name)
-    return domain_data(name, dataset, train, config["title_field"], config["title_fallback_field"])
+    dconfig, dataset, (train, _, _) = load_domain(config, name)  # the source's own title fields (issue 21)
+    return domain_data(name, dataset, train, dconfig["title_field"], dconfig["title_fallback_field"])
+
+
+def check_trainable(domain):
+    """A domain a module trains on has training prefixes (its titles were checked when it was loaded)."""
+    if len(domain.train.inter_feat) == 0:
+        raise DataFileError(f"domain {domain.name!r} has no training prefixes: after RecBole's filters and split no "
+                            f"user sequence is long enough to train on (check its .inter file and eval_args)")
 
 
 def _domain_seed(seed, name, salt=0):

@@ -322,6 +322,19 @@ def training_key(base, domain_sizes, settings, builder, num_candidates):
                        "prompt_candidates": builder.prompt_candidates}}
 
 
+def adapter_ready(folder, key):
+    """True when ``folder`` holds a finished, intact adapter trained with ``key`` (``ensure_adapter`` reuses it)."""
+    folder = Path(folder)
+    if not (folder / META_FILE).is_file():
+        return False
+    try:
+        saved = json.loads((folder / META_FILE).read_text()).get("key")
+        check_adapter_folder(folder)
+    except (ValueError, AttributeError, AdapterFileError, AdapterNotFoundError):
+        return False
+    return saved == json.loads(json.dumps(key))
+
+
 def ensure_adapter(base, folder, make_samples, builder, domains, settings, key, progress=False, logger=None):
     """The adapter of ``folder``, trained now unless a finished one with the same training ``key`` is there.
 

@@ -45,7 +45,7 @@ from recbole_weaverec.model.llm.scoring import score_candidates
 from recbole_weaverec.model.llm.trainer import LLMTrainer
 from recbole_weaverec.compat import release_memory
 from recbole_weaverec.model.llm.training import check_adapter_base, ensure_adapter, training_key
-from recbole_weaverec.model.llm.samples import build_samples, load_source, mix_samples
+from recbole_weaverec.model.llm.samples import build_samples, mix_samples
 
 MERGES = ("average", "weights", "learned")
 HYBRID_SEP = "~"  # hybrid module of target T and source S: "T~S"
@@ -151,7 +151,7 @@ class WeaveRec(LLMMerge):
             return check_adapter_base(self.adapter_paths[name], self.llm)
 
         def make_samples():
-            domain = load_source(self.config, source)
+            domain = self.source_domain(source)
             return self.hybrid_samples(domain), {source: domain}
 
         return ensure_adapter(self.llm, self.adapter_root / name, make_samples, self.builder, self.domains,
@@ -174,6 +174,8 @@ class WeaveRec(LLMMerge):
         else:
             self.adapter_root = self.default_adapter_root(trainer.checkpoint_dir)
         trainer.logger.info(f"WeaveRec modules: {', '.join(self.module_names)} (adapter folder {self.adapter_root})")
+        self.load_sources([(self.target.name, [self.target.name], self.domain_key(self.target.name))]
+                          + [(self.hybrid_name(s), [self.target.name, s], self.hybrid_key(s)) for s in self.sources])
         folders = [self.domain_adapter(self.target.name, trainer)] + \
                   [self.hybrid_adapter(s, trainer) for s in self.sources]
         self.adapter_folders = dict(zip(self.module_names, folders))
