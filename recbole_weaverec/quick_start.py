@@ -45,8 +45,22 @@ def _size_eval_batch(config, dataset):
         config["eval_batch_size"] = max(4096, FULL_SORT_USERS_PER_BATCH * dataset.item_num)
 
 
+def _eval_sample_seed(config):
+    """The seed of the evaluation users: ``eval_sample_seed`` (a leaderboard sets its ``sample_seed``, so every
+    training seed scores the same users), or the training ``seed`` when it is null."""
+    seed = config["eval_sample_seed"] if "eval_sample_seed" in config else None
+    if seed is None:
+        return config["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"eval_sample_seed={seed!r} is not allowed: expected an integer from 0 to {2**32 - 1} "
+                          f"or null (use seed)")
+    return seed
+
+
 def _sample_eval_users(config, dataset):
-    """``eval_sample_users: N`` keeps N seeded users (the same for every model) in the valid and test splits."""
+    """``eval_sample_users: N`` keeps N users (the same for every model) in the valid and test splits, drawn with
+    ``eval_sample_seed`` (null: the training ``seed``)."""
+    seed = _eval_sample_seed(config)  # checked even without eval_sample_users: a bad value is never silently unused
     n = config["eval_sample_users"] if "eval_sample_users" in config else None
     if n is None:
         return
@@ -59,7 +73,7 @@ def _sample_eval_users(config, dataset):
         uid = dataset.uid_field
         users = np.unique(test.inter_feat[uid].numpy())
         if n < len(users):
-            users = np.sort(np.random.default_rng(config["seed"]).choice(users, n, replace=False))
+            users = np.sort(np.random.default_rng(seed).choice(users, n, replace=False))
         keep = [d.copy(d.inter_feat[torch.from_numpy(np.isin(d.inter_feat[uid].numpy(), users))])
                 for d in (valid, test)]
         return [train, *keep]

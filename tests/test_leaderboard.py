@@ -1,13 +1,17 @@
 """Leaderboard: config validation, grid expansion, caching, failure isolation, markdown, a real tiny run."""
+import collections
 import csv
 import json
+import os
+import shutil
 
 import pytest
 import yaml
 
-from recbole_weaverec import leaderboard as lb
-from recbole_weaverec.leaderboard import (Leaderboard, LeaderboardConfigError, expand_grid, main, render_markdown,
-                                          validate_config)
+from recbole_weaverec import __version__, leaderboard as lb
+from recbole_weaverec.errors import ConfigError
+from recbole_weaverec.leaderboard import (Leaderboard, LeaderboardConfigError, expand_grid, fingerprint, main,
+                                          render_markdown, validate_config)
 
 from conftest import needs_shared_data, write_tiny_dataset
 
@@ -89,6 +93,8 @@ def test_grid_expansion(data, tmp_path):
     ({"seeds": [1, 2**32]}, "seeds has 4294967296: seeds must be integers from 0 to 4294967295"),
     ({"seeds": [-1]}, "seeds has -1"),
     ({"sample_seed": -3}, "sample_seed must be an integer"),
+    ({"models": [{"model": "EASE", "config": {"eval_sample_seed": 3}}]}, "eval_sample_seed cannot be set per model"),
+    ({"config": {"eval_sample_seed": 3}}, "config.eval_sample_seed is set by the grid; use the top-level sample_seed"),
 ])
 def test_bad_config_refused(data, tmp_path, over, match):
     with pytest.raises(LeaderboardConfigError, match=match):
@@ -240,33 +246,40 @@ def test_real_tiny_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert json.loads(next((out / "cache" / "cells").glob("*.json")).read_text())["status"] == "ok"
 
 
-def test_uni29_candidates_identical_across_models(tmp_path, monkeypatch):
-    """Every model of a uni29 table ranks the same sampled candidates, whatever its training consumed."""
+def _record_candidates(monkeypatch):
+    """``seen``: append a list before each run; it gets the (phase, user, item) of every uniN evaluation batch."""
     from recbole.data.dataloader.general_dataloader import NegSampleEvalDataLoader
 
-    data = write_tiny_dataset(tmp_path / "data", "tiny")
-    monkeypatch.chdir(tmp_path)
-    seen = []
-    orig = NegSampleEvalDataLoader.collate_fn
+    seen, orig = [], NegSampleEvalDataLoader.collate_fn
 
     def record(self, index):
         out = orig(self, index)
-        if self._sampler.phase == "test":
-            inter = out[0]
-            seen[-1].extend(zip(inter[self.uid_field].tolist(), inter[self.iid_field].tolist()))
+        users, items = out[0][self.uid_field].tolist(), out[0][self.iid_field].tolist()
+        seen[-1].extend((self._sampler.phase, u, i) for u, i in zip(users, items))
         return out
 
     monkeypatch.setattr(NegSampleEvalDataLoader, "collate_fn", record)
+    return seen
 
-    def candidates(model, sample_seed=2020, seed=1, **config):
+
+def test_uni29_candidates_identical_across_models(tmp_path, monkeypatch):
+    """Every model of a uni29 table ranks the same sampled candidates, whatever its training consumed; with
+    eval_sample_users, of the same users (drawn from sample_seed via eval_sample_seed, not the training seed)."""
+    data = write_tiny_dataset(tmp_path / "data", "tiny")
+    monkeypatch.chdir(tmp_path)
+    seen = _record_candidates(monkeypatch)
+
+    def candidates(model, sample_seed=2020, seed=1, users=None, phases=("test",), **config):
+        protocols = {"uni29": {"config": {"eval_sample_users": users}}}
         cfg = validate_config({"data_path": str(data), "output_dir": str(tmp_path / "o"), "datasets": ["tiny"],
-                               "seeds": [seed], "sample_seed": sample_seed, "protocols": ["uni29"],
+                               "seeds": [seed], "sample_seed": sample_seed, "protocols": protocols,
                                "models": [{"model": model, "config": {"epochs": 2, "state": "WARNING", **config}}]})
         cell = expand_grid(cfg)[0]
         seen.append([])
         row = lb.run_cell(cell)
         assert row["status"] == "ok", row["error"]
-        return sorted(seen[-1])
+        assert cell["config"]["eval_sample_seed"] == sample_seed
+        return sorted(t for t in seen[-1] if t[0] in phases)
 
     ease = candidates("EASE")
     assert len(ease) == 40 * 30
@@ -274,6 +287,10 @@ def test_uni29_candidates_identical_across_models(tmp_path, monkeypatch):
     assert candidates("GRU4Rec", hidden_size=8, embedding_size=8) == ease  # sequential dataset, same split
     assert candidates("BPR", seed=2) == ease  # another training seed, same candidates
     assert candidates("EASE", sample_seed=7) != ease
+    both = ("valid", "test")  # Pop: one epoch, one validation
+    pop = candidates("Pop", seed=2021, users=10, phases=both, epochs=1)
+    assert pop == candidates("Pop", seed=2022, users=10, phases=both, epochs=1) and len(pop) == 2 * 10 * 30
+    assert [len({u for p, u, _ in pop if p == phase}) for phase in both] == [10, 10]  # 10 users x 30 items each
 
 
 def _shipped(name, monkeypatch):
@@ -314,3 +331,69 @@ def test_recbole_graph_builtin_runs(tiny_data, run_dir):
 
     result = run("LightGCN", "tiny", config_dict={"data_path": str(tiny_data), "epochs": 1, "state": "WARNING"})
     assert 0 <= result["test_result"]["ndcg@10"] <= 1
+
+
+def test_plain_run_users_follow_seed_unless_eval_sample_seed(tiny_data, run_dir):
+    from recbole_weaverec.quick_start import _sample_eval_users, build_config, prepare
+
+    def users(**extra):
+        config = build_config("Pop", "tiny", config_dict={"data_path": str(tiny_data), "eval_mode": "uni29",
+                                                          "state": "WARNING", "eval_sample_users": 7, **extra})
+        _, _, valid, test = prepare(config)
+        return [sorted(set(d._dataset.inter_feat[config["USER_ID_FIELD"]].tolist())) for d in (valid, test)]
+
+    plain = users(seed=1)
+    assert len(plain[1]) == 7 and plain != users(seed=2)  # unchanged: without eval_sample_seed, seed draws them
+    assert users(seed=1, eval_sample_seed=5) == users(seed=2, eval_sample_seed=5) != plain  # set: the same users
+    assert users(seed=2, eval_sample_seed=1) == plain
+    for bad in (-1, 2**32, "7", True, 1.5):  # checked even where eval_sample_users is null
+        with pytest.raises(ConfigError) as e:
+            _sample_eval_users({"seed": 1, "eval_sample_users": None, "eval_sample_seed": bad}, None)
+        assert str(e.value) == f"eval_sample_seed={bad!r} is not allowed: expected an integer from 0 to 4294967295 " \
+                               f"or null (use seed)"
+
+
+def test_cli_sample_seed_overrides_the_yaml(data, tmp_path, capsys):
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump({"data_path": str(data), "output_dir": str(tmp_path / "o"), "datasets": ["tiny"],
+                                    "sample_seed": 3, "protocols": ["uni29"], "models": ["Pop"]}))
+    (cell,) = expand_grid(lb.load_config(path, sample_seed=7))
+    assert cell["config"]["sample_seed"] == cell["config"]["eval_sample_seed"] == 7
+    assert cell["hash"] != expand_grid(lb.load_config(path))[0]["hash"]
+    assert main(["--config", str(path), "--dry-run", "--sample-seed", "7"]) == 0
+    assert f" {cell['hash']}  to run" in capsys.readouterr().out
+    assert main(["--config", str(path), "--sample-seed", "abc"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --sample-seed must be an integer from 0 to 4294967295, got 'abc'"
+
+
+def test_cell_hash_covers_defaults_data_and_code(data, tmp_path, monkeypatch):
+    _hashes = lambda cfg: {(c["protocol"], c["label"], c["dataset"], c["seed"]): c["hash"]  # noqa: E731
+                           for c in expand_grid(cfg)}
+    reads, real = collections.Counter(), fingerprint._hash_contents
+    monkeypatch.setattr(fingerprint, "_DIGESTS", {})
+    monkeypatch.setattr(fingerprint, "_hash_contents", lambda p: reads.update([str(p)]) or real(p))
+    cfg = board(data, tmp_path)  # 16 cells
+    before = _hashes(cfg)
+    assert set(reads.values()) == {1} and sum("tiny.inter" in p for p in reads) == 1  # each file read once
+    assert _hashes(board(data, tmp_path, config={"show_progress": True, "state": "ERROR"})) == before
+    # a default of the package, edited in a copy of properties/: every cell (any default may be any cell's)
+    shutil.copytree(fingerprint.PROPERTIES, tmp_path / "properties")
+    monkeypatch.setattr(fingerprint, "PROPERTIES", tmp_path / "properties")
+    assert _hashes(cfg) == before  # the same files elsewhere: the same key
+    ease = tmp_path / "properties" / "model" / "EASE.yaml"
+    ease.write_text(ease.read_text().replace("reg_weight: 250.0", "reg_weight: 25.0"))
+    edited = _hashes(cfg)
+    assert all(edited[k] != before[k] for k in before)
+    # one byte of a data file, with the same size and mtime: the cells of that dataset
+    inter = data / "tiny" / "tiny.inter"
+    raw, st = bytearray(inter.read_bytes()), inter.stat()
+    raw[-2] ^= 1  # the last digit of the last line
+    inter.write_bytes(raw)
+    os.utime(inter, ns=(st.st_atime_ns, st.st_mtime_ns))
+    monkeypatch.setattr(fingerprint, "_DIGESTS", {})  # a new process: the contents are read again
+    after = _hashes(cfg)
+    assert {k for k in before if after[k] != edited[k]} == {k for k in before if k[2] == "tiny"}
+    shutil.rmtree(data / "tinyb")  # a missing dataset: hashed as such, the cell fails later with its own error
+    gone = _hashes(cfg)
+    assert {k for k in before if gone[k] != after[k]} == {k for k in before if k[2] == "tinyb"}
+    assert fingerprint.code_digest().startswith(f"recbole_weaverec {__version__} ")

@@ -7,9 +7,10 @@ crashes, leaks memory or hangs (``timeout``) takes only its own cell down, and R
 (seeds, logging handlers, torch threads) never leaks from one model into the next. A finished cell is cached under
 the hash of everything that defines it, so a rerun (or the rest of an interrupted run) computes only what is missing.
 
-Identical candidates: in ``uniN`` tables every cell draws its evaluation negatives with quick_start's shared sampler
-(seeded per phase and user, independent of the model and the batch size) under the table's ``sample_seed`` instead of
-the training seed, so every model, and every training seed, ranks the same N sampled items per user.
+Identical users and candidates: in ``uniN`` tables every cell draws its evaluation negatives with quick_start's
+shared sampler (seeded per phase and user, independent of the model and the batch size) under the table's
+``sample_seed`` instead of the training seed, and ``eval_sample_users`` keeps users drawn with that seed too
+(``eval_sample_seed``), so every model, and every training seed, ranks the same N sampled items of the same users.
 
 Outputs in ``output_dir``: ``results.csv`` (one row per cell), ``results.md`` (mean ± std over seeds, best per
 column in bold), one PNG bar chart per protocol and metric, and ``cache/`` (cell results and RecBole logs).
@@ -17,6 +18,7 @@ column in bold), one PNG bar chart per protocol and metric, and ``cache/`` (cell
 Layers, each module importing only those above it in this list (files are written with ``recbole_weaverec.files``):
 
 - ``errors``: LeaderboardConfigError (a bad board config or ``--only``).
+- ``fingerprint``: what a cache key covers beyond the cell's config: defaults, code, dataset file contents.
 - ``grid``: the cells of a board and their cache keys (``expand_grid``, ``cell_hash``).
 - ``config``: reading and validating the board YAML (``load_config``, ``validate_config``).
 - ``runner``: one cell, in this process (``run_cell``) or in a fresh one (``SubprocessRunner``).

@@ -28,9 +28,22 @@ def build_parser():
                    help="run nothing: rewrite results.csv, results.md and the PNGs from the cached cells")
     p.add_argument("--quiet", action="store_true", help="no per-run progress bars")
     p.add_argument("--output-dir", help="write here instead of the config's output_dir")
+    p.add_argument("--sample-seed", metavar="N",
+                   help="seed of the evaluated users (eval_sample_users) and the uniN candidates of every cell, "
+                        f"0 to {2**32 - 1}, instead of the config's sample_seed (cells are cached per sample seed)")
     p.add_argument("--run-cell", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p
+
+
+def _seed(text):
+    """--sample-seed's integer (anything else reaches load_config as given, which names it in one line)."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def main(argv=None):
@@ -41,7 +54,7 @@ def main(argv=None):
         print("error: --config FILE is required (e.g. leaderboards/sample.yaml)", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, sample_seed=_seed(args.sample_seed))
         if args.output_dir:
             cfg["output_dir"] = str(Path(args.output_dir).resolve())
         board = Leaderboard(cfg, show_progress=not args.quiet)

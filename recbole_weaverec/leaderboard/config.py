@@ -15,7 +15,8 @@ TOP_KEYS = {
     "output_dir": "where results.csv, results.md, the PNGs and cache/ go",
     "datasets": "target datasets (list)",
     "seeds": "training seeds (list of int)",
-    "sample_seed": "seed of the uniN candidate sampling, the same for every model and seed (int)",
+    "sample_seed": "seed of the evaluated users (eval_sample_users) and the uniN candidates, the same for every "
+                   "model and seed (int; --sample-seed overrides it)",
     "protocols": "evaluation protocol -> {config, headline, columns}",
     "config": "RecBole/model settings for every cell",
     "models": "list of model entries",
@@ -36,8 +37,11 @@ PROTOCOL_KEYS = {"config", "headline", "columns"}
 SOURCE_KEYS = ("source_domains", "merge_domains")
 # Set per table (protocols:) or by the grid, never per model: they decide what a number in the table means.
 TABLE_ONLY = ("seed", "eval_mode", "eval_args", "data_path", "metrics", "topk", "valid_metric",
-              "valid_neg_sample_args", "test_neg_sample_args", "eval_sample_users", "dataset", "model",
-              "source_domains", "merge_domains")
+              "valid_neg_sample_args", "test_neg_sample_args", "eval_sample_users", "eval_sample_seed", "dataset",
+              "model", "source_domains", "merge_domains")
+# Set by the grid for every cell -> the top-level key that decides it.
+GRID_SET = {"seed": "seeds", "eval_mode": "protocols", "data_path": "data_path", "dataset": "datasets",
+            "model": "models", "eval_sample_seed": "sample_seed"}
 PROTOCOL_RE = re.compile(r"^(full|uni[1-9]\d*)$")  # uni0 would score every model 1.0  # popN: RecBole draws those from the global RNG, per model
 
 
@@ -96,8 +100,9 @@ def _check_model_name(name, optional, where):
           f"RecBole's: any of recbole.model (e.g. SASRec, BPR), or recbole:NAME")
 
 
-def load_config(path):
-    """Read and validate a leaderboard YAML; returns the normalised dict. Raises LeaderboardConfigError."""
+def load_config(path, sample_seed=None):
+    """Read and validate a leaderboard YAML (``sample_seed``: the command line's, over the YAML's); returns the
+    normalised dict. Raises LeaderboardConfigError."""
     path = Path(path)
     if not path.is_file():
         _fail(f"leaderboard config not found: {path}")
@@ -105,12 +110,12 @@ def load_config(path):
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         _fail(f"{path} is not valid YAML: {str(e).splitlines()[0]}")
-    cfg = validate_config(raw, default_name=path.stem)
+    cfg = validate_config(raw, default_name=path.stem, sample_seed=sample_seed)
     cfg["source"] = str(path)
     return cfg
 
 
-def validate_config(raw, default_name="leaderboard"):
+def validate_config(raw, default_name="leaderboard", sample_seed=None):
     _check_keys(raw, TOP_KEYS, "the leaderboard config")
     for key in ("datasets", "models", "protocols"):
         if key not in raw:
@@ -124,10 +129,11 @@ def validate_config(raw, default_name="leaderboard"):
     for d in cfg["datasets"]:
         _dataset_exists(cfg["data_path"], d, "datasets")
     cfg["seeds"] = _int_list(raw.get("seeds", [2020]), "seeds")
-    cfg["sample_seed"] = raw.get("sample_seed", 2020)
+    where = "sample_seed" if sample_seed is None else "--sample-seed"
+    cfg["sample_seed"] = raw.get("sample_seed", 2020) if sample_seed is None else sample_seed
     if not isinstance(cfg["sample_seed"], int) or isinstance(cfg["sample_seed"], bool) or \
             not 0 <= cfg["sample_seed"] < 2**32:
-        _fail(f"sample_seed must be an integer from 0 to {2**32 - 1}, got {cfg['sample_seed']!r}")
+        _fail(f"{where} must be an integer from 0 to {2**32 - 1}, got {cfg['sample_seed']!r}")
     timeout = raw.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         _fail(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -196,9 +202,9 @@ def _config_dict(value, where, table):
             if key in TABLE_ONLY:
                 _fail(f"{where}.{key} cannot be set per model: the board sets it for the whole table "
                       f"(use the top-level config, protocols.NAME.config or seeds)")
-    elif any(k in value for k in ("seed", "eval_mode", "data_path", "dataset", "model")):
-        key = next(k for k in ("seed", "eval_mode", "data_path", "dataset", "model") if k in value)
-        _fail(f"{where}.{key} is set by the grid; use the top-level seeds/protocols/data_path/datasets/models")
+    elif any(k in value for k in GRID_SET):
+        key = next(k for k in GRID_SET if k in value)
+        _fail(f"{where}.{key} is set by the grid; use the top-level {GRID_SET[key]}")
     return dict(value)
 
 

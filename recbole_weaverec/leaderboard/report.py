@@ -131,8 +131,9 @@ def render_markdown(rows, cfg=None, charts=None, now=None):
            f"Seeds: {', '.join(map(str, seeds))} (mean ± std over the finished seeds; std is the sample standard "
            f"deviation).", ""]
     if cfg:
-        out += [f"uniN candidates: sampled per user with seed {cfg['sample_seed']} for every model and seed, so all "
-                f"models of a table rank the same candidates. Test metrics; **bold** = best in its column.", ""]
+        out += [f"Evaluated users (`eval_sample_users`) and uniN candidates: drawn with seed {cfg['sample_seed']} "
+                f"for every model and seed, so all models of a table rank the same candidates of the same users. "
+                f"Test metrics; **bold** = best in its column.", ""]
     out += ["`history` = the interactions a model sees when it scores a test user: `train+valid` for sequential "
             "models (the validation item is the last one of the input sequence) and for our closed-form models "
             "(`test_history: train_valid`); `train` for RecBole's general models (Pop, BPR, LightGCN, recbole:EASE), "

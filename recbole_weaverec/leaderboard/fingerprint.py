@@ -1,0 +1,88 @@
+"""What a cell's result depends on beyond its own config dict, for its cache key (``grid.cell_hash``): the package's
+defaults (every properties YAML it ships), its code (version and source files, RecBole's version) and the contents of
+the dataset files the cell reads.
+
+Contents are hashed (size and mtime alone miss an edit that keeps both), each file once per process and
+(path, size, mtime): a board of many cells reads each file once, in chunks (atomic files can be tens of MB).
+"""
+import functools
+import glob
+import hashlib
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1]
+PROPERTIES = PACKAGE / "properties"
+# code that only presents or looks up finished cells (tables, charts, the cache, the command line): editing it must
+# not invalidate the board, or `--render` after a change to the report would find no cached cell
+PRESENTATION_ONLY = ("leaderboard/__init__.py", "leaderboard/__main__.py", "leaderboard/board.py",
+                     "leaderboard/cli.py", "leaderboard/report.py")
+CHUNK = 1 << 20
+_DIGESTS = {}  # (path, size, mtime_ns) -> sha256 of the file's contents, for this process
+
+
+def _hash_contents(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digest(path):
+    """sha256 of the file's contents, computed once per (path, size, mtime) in this process; 'unreadable' for a
+    file that cannot be read (the cell then fails with its own error, not the hashing)."""
+    try:
+        st = Path(path).stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in _DIGESTS:
+            _DIGESTS[key] = _hash_contents(path)
+        return _DIGESTS[key]
+    except OSError:
+        return "unreadable"
+
+
+def _tree_digest(root, files):
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(root).as_posix()}\0{file_digest(p)}\0".encode("utf-8"))
+    return h.hexdigest()
+
+
+def properties_files():
+    """Every default the package ships (properties/**/*.yaml: overall, model, model/base, dataset)."""
+    return sorted(p for p in PROPERTIES.rglob("*.yaml") if p.is_file())
+
+
+def defaults_digest():
+    """Hash of every properties YAML. All of them, not only those a cell loads: which ones a model loads (its family's
+    base file, RecBole's own for RecBole's models) is only known after importing the model, and building each cell's
+    real merged config (WeaveConfig: model import, data checks, device) would make --dry-run slow and fail for a
+    model not installed. Editing any default thus recomputes every cell: stale never, sometimes more than needed."""
+    return _tree_digest(PROPERTIES, properties_files())
+
+
+@functools.lru_cache(maxsize=None)
+def code_digest():
+    """The package's version and a hash of its source files (those that can change a cell's result), and RecBole's
+    version (its own defaults and code); once per process."""
+    from importlib import metadata
+
+    import recbole_weaverec
+
+    files = sorted(p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).as_posix() not in PRESENTATION_ONLY)
+    try:
+        recbole = metadata.version("recbole")
+    except metadata.PackageNotFoundError:
+        recbole = "unknown"
+    return f"recbole_weaverec {recbole_weaverec.__version__} {_tree_digest(PACKAGE, files)}; recbole {recbole}"
+
+
+def data_digest(data_path, names):
+    """{name: {file: sha256}} of the atomic files ``<data_path>/<name>/<name>.*`` (the domain's own YAML too) of each
+    dataset; a missing folder hashes as {} (the cell fails later with its own error)."""
+    out = {}
+    for name in sorted(set(names)):
+        folder = Path(data_path) / name
+        files = sorted(p for p in folder.glob(f"{glob.escape(name)}.*") if p.is_file()) if folder.is_dir() else []
+        out[name] = {p.name: file_digest(p) for p in files}
+    return out
