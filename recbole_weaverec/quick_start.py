@@ -4,6 +4,7 @@ quick_start."""
 import glob
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from recbole_weaverec.distributed import init_logger as init_rank_logger  # log 
 from recbole_weaverec.model import abstract as hooks
 from recbole_weaverec.reload import as_tested, build_saved_config, read_checkpoint
 from recbole_weaverec.runfiles import JournaledList, RunFiles, sigterm_as_exit
+from recbole_weaverec.stats import per_user_metrics, recording_per_user
 
 FULL_SORT_USERS_PER_BATCH = 256
 DEFAULT_MODEL = "WeaveRec"  # the README's main job: WeaveRec on toys-sample with beauty-sample as source
@@ -133,13 +135,17 @@ def prepare(config):
 
 
 def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, cmd_args=None,
-        nproc=1, world_size=-1, ip="localhost", port="5678", group_offset=0):
+        nproc=1, world_size=-1, ip="localhost", port="5678", group_offset=0, per_user=False):
     """Train and evaluate like ``recbole.quick_start.run_recbole``; returns the same dict.
 
     ``model`` is a name (ours, RecBole's, or ``recbole:NAME`` for RecBole's) or a class. ``nproc``/``world_size``/
     ``ip``/``port``/``group_offset`` are RecBole's ``run`` arguments: ``nproc`` > 1 (or ``world_size`` > 0) spawns
-    data-parallel processes (see ``distributed``) and returns global rank 0's dict.
+    data-parallel processes (see ``distributed``) and returns global rank 0's dict. ``per_user=True`` (one process
+    only) adds ``test_per_user``: {"users": [user tokens], "metrics": {"ndcg@10": values per user, ...}}, taken from
+    the test evaluation's own scores through RecBole's metric classes (``stats.recording_per_user``).
     """
+    if per_user and (nproc != 1 or world_size > 0):
+        raise ValueError(f"per_user=True needs a single-process run, got nproc={nproc!r}, world_size={world_size!r}")
     if nproc != 1 or world_size > 0:
         world = check_launch(nproc, world_size, group_offset)
         build_config(model, dataset, config_file_list, config_dict, cmd_args)  # bad input: one line, before spawning
@@ -158,7 +164,7 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
                 files.add_log_file(log_file)
             config.final_config_dict["_run_outputs"] = JournaledList(
                 files, config.final_config_dict.get("_run_outputs", []))
-            result = _run(config, saved)
+            result = _run(config, saved, per_user)
         except BaseException:
             _close_log_files(new_logs)
             files.discard(config.final_config_dict.get("_run_outputs", []))
@@ -176,7 +182,7 @@ def _close_log_files(log_files):
             logging.getLogger().removeHandler(handler)
 
 
-def _run(config, saved):
+def _run(config, saved, per_user=False):
     logger = getLogger()
     logger.info(config)
 
@@ -196,18 +202,26 @@ def _run(config, saved):
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"])
     hooks.before_test(model, valid_data)  # e.g. LAE models that add the validation rows to the test history
-    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    with recording_per_user(trainer) if per_user else nullcontext([]) as evaluations:
+        test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
     config.final_config_dict["_run_outputs"] = []  # finished: keep everything (the journal is deleted by run())
-    return {
+    result = {
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         **hooks.extra_results(model),  # e.g. WeaveRec's target_only_test_result
     }
+    if per_user:  # the test evaluation's own scores, per user (its first evaluation: WeaveRec adds comparisons)
+        users, values = evaluations[0] if evaluations and evaluations[0][0] is not None else \
+            per_user_metrics(trainer, test_data)  # a trainer whose evaluate bypasses RecBole's batch functions
+        # tokens, not internal ids: another model's dataset (e.g. merged domains) may number the users differently
+        tokens = test_data._dataset.id2token(config["USER_ID_FIELD"], users)
+        result["test_per_user"] = {"users": [str(t) for t in tokens], "metrics": values}
+    return result
 
 
 def spawn(run_kwargs, nproc, world, ip, port, group_offset):

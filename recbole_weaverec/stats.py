@@ -4,11 +4,40 @@
 but keeps each user's value instead of the mean, with the user ids, so two models evaluated on the same users and
 candidates can be compared user by user; the means equal ``trainer.evaluate``'s. ``paired_difference`` is scipy's
 bootstrap of the mean per-user difference: a difference whose interval contains 0 is "no difference".
+``recording_per_user`` keeps the per-user values of the evaluations a trainer runs anyway.
+``mean_interval`` is the t interval of one model's mean over users (scipy.stats.t).
 """
 import inspect
+from contextlib import contextmanager
 
 import numpy as np
 import torch
+
+
+def _batch_users(interaction, batched, uid, full):
+    """The user id of each evaluated row of one batch (full ranking: one row per user; sampled candidates: the rows
+    of a user share its row_idx, and its first row names it)."""
+    ids = interaction[uid].cpu()
+    if full:
+        return ids.numpy()
+    row_idx = batched[1].cpu()
+    first = torch.full((int(row_idx.max()) + 1,), -1, dtype=torch.long)
+    first.scatter_reduce_(0, row_idx, torch.arange(len(row_idx)), reduce="amin", include_self=False)
+    return ids[first].numpy()
+
+
+def struct_values(trainer, struct):
+    """{"ndcg@5": values per user, ...} of a collector's data struct, through RecBole's own metric classes."""
+    out = {}
+    for name, metric in trainer.evaluator.metric_class.items():
+        if not hasattr(metric, "topk"):
+            continue
+        pos_index, pos_len = metric.used_info(struct)
+        takes_len = len(inspect.signature(metric.metric_info).parameters) > 1  # Hit and MRR take pos_index only
+        values = metric.metric_info(pos_index, pos_len) if takes_len else metric.metric_info(pos_index)
+        for k in metric.topk:
+            out[f"{name}@{k}"] = np.asarray(values[:, k - 1], dtype=np.float64)
+    return out
 
 
 @torch.no_grad()
@@ -25,25 +54,44 @@ def per_user_metrics(trainer, eval_data):
     for batched in eval_data:
         interaction, scores, positive_u, positive_i = batch_eval(batched)
         trainer.eval_collector.eval_batch_collect(scores, interaction, positive_u, positive_i)
-        ids = interaction[uid].cpu()
-        if full:  # one row per user
-            users.append(ids.numpy())
-        else:  # rows of one user share its row_idx; its first row names it
-            row_idx = batched[1].cpu()
-            first = torch.full((int(row_idx.max()) + 1,), -1, dtype=torch.long)
-            first.scatter_reduce_(0, row_idx, torch.arange(len(row_idx)), reduce="amin", include_self=False)
-            users.append(ids[first].numpy())
-    struct = trainer.eval_collector.get_data_struct()
-    out = {}
-    for name, metric in trainer.evaluator.metric_class.items():
-        if not hasattr(metric, "topk"):
-            continue
-        pos_index, pos_len = metric.used_info(struct)
-        takes_len = len(inspect.signature(metric.metric_info).parameters) > 1  # Hit and MRR take pos_index only
-        values = metric.metric_info(pos_index, pos_len) if takes_len else metric.metric_info(pos_index)
-        for k in metric.topk:
-            out[f"{name}@{k}"] = np.asarray(values[:, k - 1], dtype=np.float64)
-    return np.concatenate(users), out
+        users.append(_batch_users(interaction, batched, uid, full))
+    return np.concatenate(users), struct_values(trainer, trainer.eval_collector.get_data_struct())
+
+
+@contextmanager
+def recording_per_user(trainer):
+    """Inside the block every ``trainer.evaluate`` also keeps each user's metric values, taken from the very scores
+    it computes (nothing is scored twice; an LLM user costs ~1 s here). Yields a list that gets one
+    (user ids, {"ndcg@5": values, ...}) per evaluation, in call order; user ids are None where the trainer's evaluate
+    does not go through RecBole's batch functions (then use ``per_user_metrics``)."""
+    uid = trainer.config["USER_ID_FIELD"]
+    records, users = [], []
+
+    def recording(batch_eval, full):
+        def batch(batched):
+            out = batch_eval(batched)
+            users.append(_batch_users(out[0], batched, uid, full))
+            return out
+        return batch
+
+    evaluator = trainer.evaluator
+    evaluate = evaluator.evaluate
+
+    def evaluating(struct):
+        values = struct_values(trainer, struct)
+        ids = np.concatenate(users) if users else None
+        n = len(next(iter(values.values()))) if values else 0
+        records.append((ids if ids is not None and len(ids) == n else None, values))
+        users.clear()
+        return evaluate(struct)
+
+    trainer._full_sort_batch_eval = recording(trainer._full_sort_batch_eval, True)
+    trainer._neg_sample_batch_eval = recording(trainer._neg_sample_batch_eval, False)
+    evaluator.evaluate = evaluating
+    try:
+        yield records
+    finally:  # the instance attributes go; the class's methods show through again
+        del trainer._full_sort_batch_eval, trainer._neg_sample_batch_eval, evaluator.evaluate
 
 
 def paired_difference(a, b, confidence=0.95, n_resamples=10000, seed=0):
@@ -57,10 +105,25 @@ def paired_difference(a, b, confidence=0.95, n_resamples=10000, seed=0):
     d = a - b
     if np.all(d == d[0]):  # no spread: every resample has the same mean
         return {"mean": float(d[0]), "low": float(d[0]), "high": float(d[0]), "n": len(d)}
+    # resamples in batches of ~2M values: the same draws, but tens of thousands of users would otherwise hold
+    # n_resamples x n floats (GBs) at once
     res = bootstrap((d,), np.mean, confidence_level=confidence, n_resamples=n_resamples, method="percentile",
-                    random_state=np.random.default_rng(seed), vectorized=True)
+                    random_state=np.random.default_rng(seed), vectorized=True, batch=max(1, 2_000_000 // len(d)))
     return {"mean": float(d.mean()), "low": float(res.confidence_interval.low),
             "high": float(res.confidence_interval.high), "n": len(d)}
+
+
+def mean_interval(values, confidence=0.95):
+    """Mean over users and its t interval: {"mean", "low", "high", "half", "n"}. A t interval rather than a bootstrap:
+    with hundreds to tens of thousands of users the mean is close to normal, and it is instant and deterministic."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or len(v) < 2:
+        raise ValueError(f"mean_interval needs a per-user array of >= 2 users, got shape {v.shape}")
+    mean, sem = float(v.mean()), float(stats.sem(v))
+    half = 0.0 if sem == 0 else float(stats.t.ppf(0.5 + confidence / 2, len(v) - 1) * sem)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "half": half, "n": len(v)}
 
 
 def verdict(diff):

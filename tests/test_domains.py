@@ -138,8 +138,13 @@ def test_weaverec_runs_end_to_end_across_two_platforms(two_platforms, tiny_llm, 
     prompts = recorded_prompts(monkeypatch)
     adapters = tmp_path / "adapters"
     out = run("WeaveRec", target, config_dict={"data_path": str(two_platforms), "source_domains": [source],
-                                               "llm_path": tiny_llm, "adapter_dir": str(adapters), **SMALL})
+                                               "llm_path": tiny_llm, "adapter_dir": str(adapters), **SMALL},
+              per_user=True)
     assert 0 <= out["test_result"]["ndcg@5"] <= 1
+    # per-user values of WeaveRec's own test evaluation (not of the θ0 / zero-shot / Pop comparisons after it)
+    per_user = out["test_per_user"]["metrics"]
+    assert len(out["test_per_user"]["users"]) == SMALL["eval_sample_users"]
+    assert all(round(float(per_user[k].mean()), 4) == out["test_result"][k] for k in ("ndcg@5", "hit@5"))
     meta = json.loads((adapters / f"{target}{HYBRID_SEP}{source}" / "recbole_weaverec.json").read_text())
     assert meta["samples"] == {target: SMALL["weave_target_samples"], source: SMALL["weave_source_samples"]}
     assert (adapters / target / "adapter_model.safetensors").is_file()

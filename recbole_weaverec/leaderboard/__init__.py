@@ -12,8 +12,10 @@ shared sampler (seeded per phase and user, independent of the model and the batc
 ``sample_seed`` instead of the training seed, and ``eval_sample_users`` keeps users drawn with that seed too
 (``eval_sample_seed``), so every model, and every training seed, ranks the same N sampled items of the same users.
 
-Outputs in ``output_dir``: ``results.csv`` (one row per cell), ``results.md`` (mean ± std over seeds, best per
-column in bold), one PNG bar chart per protocol and metric, and ``cache/`` (cell results and RecBole logs).
+Outputs in ``output_dir``: ``results.csv`` (one row per cell), ``results.md`` (headline tables: mean ± 95% interval
+over users, the best bold only when a paired bootstrap over users finds it better than the runner-up; detailed
+tables: mean ± std over seeds), one PNG bar chart per protocol and metric (95% intervals as error bars), and
+``cache/`` (cell results with their per-user metrics, RecBole logs).
 
 Layers, each module importing only those above it in this list (files are written with ``recbole_weaverec.files``):
 
@@ -21,7 +23,9 @@ Layers, each module importing only those above it in this list (files are writte
 - ``fingerprint``: what a cache key covers beyond the cell's config: defaults, code, dataset file contents.
 - ``grid``: the cells of a board and their cache keys (``expand_grid``, ``cell_hash``).
 - ``config``: reading and validating the board YAML (``load_config``, ``validate_config``).
-- ``runner``: one cell, in this process (``run_cell``) or in a fresh one (``SubprocessRunner``).
+- ``runner``: one cell, in this process (``run_cell``) or in a fresh one (``SubprocessRunner``); a finished cell keeps
+  each test user's metrics (``per_user``: user tokens and one value per user and metric).
+- ``significance``: per-user values averaged over seeds, their 95% interval, the paired test of a column's best.
 - ``report``: results.csv, results.md and the PNG bar charts from the result rows.
 - ``board``: ``Leaderboard``, the grid with its cache: runs what is missing, writes the report.
 - ``cli``: the command line (``python -m recbole_weaverec.leaderboard`` runs ``cli.main`` via ``__main__``).

@@ -71,7 +71,8 @@ class Leaderboard:
                 row = self.runner(cell)
                 fresh[cell["hash"]] = row
                 if row["status"] == "ok":
-                    write_text(self.cache / "cells" / f"{cell['hash']}.json", json.dumps(row))
+                    # compact separators: a row carries one value per test user and metric
+                    write_text(self.cache / "cells" / f"{cell['hash']}.json", json.dumps(row, separators=(",", ":")))
                 else:
                     failed += 1
                     tqdm.write(f"  failed: {row['error']}", file=sys.stderr)
@@ -93,8 +94,9 @@ class Leaderboard:
                          "dataset": c["dataset"], "sources": sources_label(c, short=True),
                          "source_domains": "+".join(c["sources"]), "seed": c["seed"],
                          "status": r["status"], "error": r.get("error", ""), "wall_s": r.get("wall_s", ""),
-                         "history": r.get("history", ""), "model_type": r.get("model_type", ""),
-                         "valid_score": r.get("valid_score", ""), "hash": c["hash"], "metrics": r["metrics"]})
+                         "history": r.get("history", ""), "tie_break": r.get("tie_break", ""),
+                         "model_type": r.get("model_type", ""), "valid_score": r.get("valid_score", ""),
+                         "hash": c["hash"], "metrics": r["metrics"], "per_user": r.get("per_user")})
         return rows
 
     def write_outputs(self, fresh=None, charts=True):

@@ -1,5 +1,6 @@
-"""The report from the result rows: results.csv, results.md (mean ± std over seeds, best per column in bold) and one
-PNG bar chart per protocol and metric."""
+"""The report from the result rows: results.csv, results.md (headline tables: mean ± 95% interval over users, the best
+bold only when significantly better than the runner-up; detailed tables: mean ± std over seeds) and one PNG bar chart
+per protocol and metric (error bars: the 95% interval over users)."""
 import contextlib
 import csv
 import datetime
@@ -9,6 +10,7 @@ import platform
 from pathlib import Path
 
 from recbole_weaverec.files import replacing
+from recbole_weaverec.leaderboard.significance import NO_PER_USER, compare, group_rows, interval, seed_average
 
 METRIC_NAMES = {"recall": "Recall", "ndcg": "NDCG", "hit": "Hit", "mrr": "MRR", "precision": "Precision",
                 "map": "MAP", "itemcoverage": "ItemCoverage", "averagepopularity": "AveragePopularity"}
@@ -24,8 +26,8 @@ def write_csv(rows, path):
     metrics = []
     for r in rows:
         metrics += [m for m in r["metrics"] if m not in metrics]
-    fields = ["protocol", "model", "label", "dataset", "source_domains", "seed", "status", "history", "model_type",
-              "wall_s", "valid_score", *[metric_name(m) for m in metrics], "error", "hash"]
+    fields = ["protocol", "model", "label", "dataset", "source_domains", "seed", "status", "history", "tie_break",
+              "model_type", "wall_s", "valid_score", *[metric_name(m) for m in metrics], "error", "hash"]
     with replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -47,14 +49,15 @@ def aggregate(rows):
     groups = {}
     for r in rows:
         key = (r["protocol"], r["dataset"], r["label"], r["sources"])
-        g = groups.setdefault(key, {"values": {}, "n": 0, "total": 0, "wall": [], "history": "", "errors": [],
-                                    "statuses": set()})
+        g = groups.setdefault(key, {"values": {}, "n": 0, "total": 0, "wall": [], "history": "", "tie_break": "",
+                                    "errors": [], "statuses": set()})
         g["total"] += 1
         g["statuses"].add(r["status"])
         if r["status"] == "ok":
             g["n"] += 1
             g["wall"].append(float(r["wall_s"]))
             g["history"] = r["history"]
+            g["tie_break"] = r.get("tie_break", "")
             for m, v in r["metrics"].items():
                 g["values"].setdefault(m, []).append(v)
         elif r["status"] in ("failed", "skipped") and r["error"] and r["error"] not in g["errors"]:
@@ -66,6 +69,11 @@ def aggregate(rows):
 
 def _fmt(mean, std, n, digits=4):
     return f"{mean:.{digits}f}" if n < 2 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _conditions(g):
+    """'train+valid / popularity': the history a model scores test users from, and how it orders equal scores."""
+    return f"{g['history'] or '-'} / {g['tie_break'] or '-'}"
 
 
 def _columns(cfg, protocol, groups):
@@ -119,25 +127,35 @@ def _model_order(rows):
 
 
 def render_markdown(rows, cfg=None, charts=None, now=None):
-    """The leaderboard as markdown: per protocol a headline table (models x datasets) and one detailed table
-    per dataset (mean ± std over seeds, best per column in bold)."""
+    """The leaderboard as markdown: per protocol a headline table (models x datasets, mean ± 95% interval over
+    users, significant best in bold) and one detailed table per dataset (mean ± std over seeds, best in bold)."""
     groups = aggregate(rows)
+    by_group = group_rows(rows)
     name = cfg["name"] if cfg else "leaderboard"
     now = now or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     seeds = sorted({r["seed"] for r in rows})
     command = f"`python -m recbole_weaverec.leaderboard --config {cfg['source']}` " if cfg and cfg.get("source") else ""
     out = [f"# Leaderboard: {name}", "",
            f"Generated {now} by {command}on {machine()}.",
-           f"Seeds: {', '.join(map(str, seeds))} (mean ± std over the finished seeds; std is the sample standard "
-           f"deviation).", ""]
+           f"Seeds: {', '.join(map(str, seeds))}. Headline tables: mean ± half-width of the 95% t interval of the "
+           f"mean over test users (per-user values averaged over the finished seeds first); **bold** = best in its "
+           f"column and better than the runner-up by a paired bootstrap over users (95% interval of the mean "
+           f"per-user difference above 0); a footnote names the rows tied with the best otherwise. Detailed tables: "
+           f"mean ± sample std over the finished seeds, **bold** = highest mean.", ""]
     if cfg:
         out += [f"Evaluated users (`eval_sample_users`) and uniN candidates: drawn with seed {cfg['sample_seed']} "
                 f"for every model and seed, so all models of a table rank the same candidates of the same users. "
-                f"Test metrics; **bold** = best in its column.", ""]
-    out += ["`history` = the interactions a model sees when it scores a test user: `train+valid` for sequential "
-            "models (the validation item is the last one of the input sequence) and for our closed-form models "
-            "(`test_history: train_valid`); `train` for RecBole's general models (Pop, BPR, LightGCN, recbole:EASE), "
-            "which never see the validation item as input.", ""]
+                f"Test metrics.", ""]
+    out += ["`history / ties` = the interactions a model sees when it scores a test user, and how it orders equal "
+            "scores. `train+valid` for sequential models (the validation item is the last one of the input "
+            "sequence) and for our closed forms (`test_history: train_valid`, their default); `train` for RecBole's "
+            "general models (Pop, BPR, LightGCN, recbole:EASE), which never see the validation item as input. Ties: "
+            "`popularity` (our closed forms' default `tie_break`) or `none` (RecBole's item order). Our EASE equals "
+            "RecBole's EASE only with `test_history: train` and `tie_break: none`.", ""]
+    stale = list(dict.fromkeys(r["label"] for r in rows if r["status"] == "ok" and not r.get("per_user")))
+    if stale:
+        out += [f"_{', '.join(stale)}: {NO_PER_USER}(s) to get intervals and paired tests (cached by a version "
+                f"that did not keep per-user metrics)._", ""]
     pending = sum(r["status"] == "pending" for r in rows)
     if pending:
         out += [f"_{pending} cell(s) not run yet._", ""]
@@ -160,20 +178,7 @@ def render_markdown(rows, cfg=None, charts=None, now=None):
             continue
         if head:
             out += [f"Test {metric_name(head)}:", ""]
-            body, means = [], {}
-            for label, src in models:
-                line = [label, src]
-                for j, d in enumerate(datasets):
-                    g = groups.get((protocol, d, label, src))
-                    if g and head in g["metrics"]:
-                        m, s = g["metrics"][head]
-                        line.append(_fmt(m, s, g["n"]))
-                        means.setdefault(j + 2, []).append(m)
-                    else:
-                        line.append(_missing(g))
-                        means.setdefault(j + 2, []).append(None)
-                body.append(line)
-            out += [markdown_table(["model", "sources", *datasets], body, means), ""]
+            out += _headline_table(protocol, head, models, datasets, groups, by_group)
             if charts and (protocol, head) in charts:
                 out += [f"![{protocol} {metric_name(head)}]({charts[(protocol, head)]})", ""]
         for d in datasets:
@@ -183,7 +188,7 @@ def render_markdown(rows, cfg=None, charts=None, now=None):
                 g = groups.get((protocol, d, label, src))
                 if g is None:
                     continue
-                line = [label, src, g["history"] or "-"]
+                line = [label, src, _conditions(g)]
                 for j, m in enumerate(columns):
                     if m in g["metrics"]:
                         mean, std = g["metrics"][m]
@@ -195,7 +200,8 @@ def render_markdown(rows, cfg=None, charts=None, now=None):
                 wall = f"{sum(g['wall']) / len(g['wall']):.0f}" if g["wall"] else "-"
                 line += [wall, f"{g['n']}/{g['total']}"]
                 body.append(line)
-            header = ["model", "sources", "history", *[metric_name(m) for m in columns], "time (s)", "seeds"]
+            header = ["model", "sources", "history / ties", *[metric_name(m) for m in columns], "time (s)",
+                      "seeds"]
             out += [markdown_table(header, body, means), ""]
             notes = [(label, e) for (p, dd, label, _), g in groups.items() if p == protocol and dd == d
                      for e in g["errors"]]
@@ -210,6 +216,40 @@ def render_markdown(rows, cfg=None, charts=None, now=None):
         out += ["- other settings: each model's defaults (properties/model/NAME.yaml for ours, RecBole's for "
                 "its built-ins)"]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _headline_table(protocol, head, models, datasets, groups, by_group):
+    """Models x datasets: mean ± 95% interval where the cells kept per-user data (the mean alone otherwise); the
+    best bold only where significant (``significance.compare``), with a footnote per column where it is not."""
+    finished = {k[2:]: g for k, g in groups.items() if k[0] == protocol and g["n"]}  # history / ties: any dataset's
+    body = [[label, src, _conditions(finished[(label, src)]) if (label, src) in finished else "-"]
+            for label, src in models]
+    notes = []
+    for d in datasets:
+        entries, texts = [], []
+        for label, src in models:
+            g = groups.get((protocol, d, label, src))
+            if not (g and head in g["metrics"]):
+                texts.append(_missing(g))
+                entries.append((label, None, None))
+                continue
+            data, why = seed_average(by_group[(protocol, d, label, src)], head)
+            if data is not None:
+                ci = interval(data)
+                texts.append(f"{ci['mean']:.4f} ± {ci['half']:.4f}")
+                entries.append((label, ci["mean"], data))
+            else:
+                texts.append(f"{g['metrics'][head][0]:.4f}")
+                entries.append((label, g["metrics"][head][0], None))
+                if why and why != NO_PER_USER:
+                    notes.append(f"- `{d}`, {label}: {why}")
+        best, note = compare(entries)
+        for line, text, (label, _, _) in zip(body, texts, entries):
+            line.append(f"**{text}**" if label == best else text)
+        if note:
+            notes.append(f"- `{d}`: {note}")
+    lines = [markdown_table(["model", "sources", "history / ties", *datasets], body, {}), ""]
+    return lines + (notes + [""] if notes else [])
 
 
 def _settings(d):
@@ -227,13 +267,15 @@ def _missing(g):
 
 
 def write_charts(rows, cfg, out_dir):
-    """One grouped bar chart per protocol and metric (datasets on x, one bar per model, std as error bar)."""
+    """One grouped bar chart per protocol and metric (datasets on x, one bar per model); error bars: the 95% interval
+    of the mean over users, for the bars whose cells kept per-user data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = aggregate(rows)
+    by_group = group_rows(rows)
     charts = {}
     for protocol in dict.fromkeys(r["protocol"] for r in rows):
         prow = [r for r in rows if r["protocol"] == protocol]
@@ -247,21 +289,27 @@ def write_charts(rows, cfg, out_dir):
             width = 0.8 / len(models)
             cmap = plt.get_cmap("tab20")
             for i, (label, src) in enumerate(models):
-                xs, ys, es, seeds = [], [], [], []
+                xs, ys, ex, ey, es = [], [], [], [], []
                 for j, d in enumerate(datasets):
                     g = groups.get((protocol, d, label, src))
                     if g and metric in g["metrics"]:
-                        m, s = g["metrics"][metric]
-                        xs.append(j - 0.4 + width * (i + 0.5))
+                        x, m = j - 0.4 + width * (i + 0.5), g["metrics"][metric][0]
+                        data, _ = seed_average(by_group[(protocol, d, label, src)], metric)
+                        if data is not None:
+                            ci = interval(data)
+                            m = ci["mean"]
+                            ex.append(x)
+                            ey.append(m)
+                            es.append(ci["half"])
+                        xs.append(x)
                         ys.append(m)
-                        es.append(s)
-                        seeds.append(g["n"])
                 name = label if src == "-" else f"{label} ({src})"
-                spread = es if any(n > 1 for n in seeds) else None  # one seed: no error bar
-                ax.bar(xs, ys, width, yerr=spread, capsize=2, label=name, color=cmap(i % 20))
+                ax.bar(xs, ys, width, label=name, color=cmap(i % 20))
+                if ex:
+                    ax.errorbar(ex, ey, yerr=es, fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
             ax.set_xticks(range(len(datasets)))
             ax.set_xticklabels(datasets)
-            ax.set_ylabel(f"test {metric_name(metric)}")
+            ax.set_ylabel(f"test {metric_name(metric)} (error bars: 95% interval over users)")
             ax.set_title(f"{cfg['name'] if cfg else ''} · protocol {protocol} · {metric_name(metric)}")
             ax.legend(fontsize=7, ncol=2 if len(models) > 6 else 1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
             ax.grid(axis="y", alpha=0.3)

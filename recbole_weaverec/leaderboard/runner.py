@@ -33,6 +33,35 @@ def _history(config):
     return {"train_valid": "train+valid"}.get(config["test_history"] if "test_history" in config else None, "train")
 
 
+def _tie_break(config):
+    # RecBole's models have no such key: equal scores keep torch.topk's item order
+    return config["tie_break"] if "tie_break" in config else "none"
+
+
+PER_USER_DECIMALS = 6  # stored rounded: a cell of 20k users and 8 metrics stays near 1 MB of JSON
+
+
+def _with_per_user(metrics, per_user, decimal_place):
+    """(metrics, per_user row entry): the top-k metrics become the exact means of the per-user values (RecBole
+    rounds its own to ``metric_decimal_place``), users sorted by token. The two must agree to that rounding: a
+    trainer whose evaluate scores differently from RecBole's loop keeps its metrics and stores no per-user data."""
+    import numpy as np
+
+    order = np.argsort(np.asarray(per_user["users"]), kind="stable")
+    tol = 0.5 * 10.0 ** -decimal_place + 1e-9
+    means, values = {}, {}
+    for key, v in per_user["metrics"].items():
+        v = np.asarray(v, dtype=np.float64)[order]
+        if key in metrics and abs(float(v.mean()) - metrics[key]) > tol:
+            print(f"warning: per-user {key} averages {v.mean():.6f}, the trainer reported {metrics[key]}: "
+                  f"no per-user data stored for this cell", file=sys.stderr)
+            return metrics, None
+        means[key] = float(v.mean())
+        values[key] = np.round(v, PER_USER_DECIMALS).tolist()
+    users = [per_user["users"][i] for i in order]
+    return {**metrics, **means}, {"users": users, "metrics": values}
+
+
 def run_cell(cell, show_progress=False):
     """Run one cell in this process; returns the result row (never raises for a model's failure)."""
     from recbole_weaverec import quick_start
@@ -40,19 +69,23 @@ def run_cell(cell, show_progress=False):
     config_dict = dict(cell["config"])
     sample_seed = config_dict.pop("sample_seed")
     config_dict.setdefault("show_progress", show_progress)
-    row = {"status": "failed", "error": "", "metrics": {}, "history": "", "model_type": ""}
+    row = {"status": "failed", "error": "", "metrics": {}, "history": "", "tie_break": "", "model_type": ""}
     start = time.time()
     try:
         config = quick_start.build_config(cell["model"], cell["dataset"], config_dict=config_dict)
         row["history"] = _history(config)
+        row["tie_break"] = _tie_break(config)
         row["model_type"] = config["MODEL_TYPE"].name
         shared, table = _candidates_seeded_by(quick_start, sample_seed)
         quick_start.SharedCandidateSampler = table
         try:
-            result = quick_start.run(cell["model"], cell["dataset"], config_dict=config_dict, saved=True)
+            result = quick_start.run(cell["model"], cell["dataset"], config_dict=config_dict, saved=True,
+                                     per_user=True)
         finally:
             quick_start.SharedCandidateSampler = shared
-        row["metrics"] = {k: float(v) for k, v in result["test_result"].items() if isinstance(v, (int, float))}
+        metrics = {k: float(v) for k, v in result["test_result"].items() if isinstance(v, (int, float))}
+        row["metrics"], row["per_user"] = _with_per_user(metrics, result["test_per_user"],
+                                                         config["metric_decimal_place"])
         row["valid_score"] = float(result["best_valid_score"])
         row["status"] = "ok"
     except Exception as e:  # one line: the type and the first line of the message
