@@ -2,7 +2,8 @@
 
 A subclass implements ``solve(G)`` -> the item-item weight matrix B (n x n, zero diagonal) from the Gram matrix
 G = XᵀX, in place where it can: only one n x n matrix (plus a Cholesky factor while solving) is ever alive.
-Scores are X_u · B, computed on demand per batch of users.
+Scores are X_u · B, computed on demand per batch of users. A sweep (``sweep.py``) passes ``cache``: G (and what else
+does not depend on ``sweep_keys``) is then kept and ``refit`` solves B again for new values of those keys.
 """
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ def solve_spd_inverse(A):
 class LinearAutoencoder(ModelHooks, GeneralRecommender):
     input_type = InputType.POINTWISE
     type = ModelType.TRADITIONAL
+    sweep_keys = ()  # the hyperparameters that only ``solve`` reads: a sweep changes them on a built model
+    cache = None  # None: nothing kept between solves (a normal run keeps B only, no G beside it)
 
     @classmethod
     def validate_config(cls, config):
@@ -40,7 +43,7 @@ class LinearAutoencoder(ModelHooks, GeneralRecommender):
         check_choice(config, "tie_break", TIE_BREAKS)
         check_choice(config, "test_history", TEST_HISTORIES)
 
-    def __init__(self, config, dataset):
+    def __init__(self, config, dataset, cache=None):
         super().__init__(config, dataset)
         self.validate_config(config)
         self.config = config
@@ -49,15 +52,36 @@ class LinearAutoencoder(ModelHooks, GeneralRecommender):
         self.test_history = config["test_history"]
         self.dummy_param = torch.nn.Parameter(torch.zeros(1))  # RecBole's trainer needs one parameter
 
-        self.history = dataset.inter_matrix(form="csr").astype(np.float32)  # users x items, training rows
-        X = self.history
-        G = torch.from_numpy((X.T @ X).toarray()).to(device=self.device, dtype=self.dtype)
+        self.train_history = dataset.inter_matrix(form="csr").astype(np.float32)  # users x items, training rows
+        self.history = self.train_history  # the rows that are scored (before_test may add the validation rows)
+        self.cache = cache
+        # not persistent: recomputed from the data in __init__, so checkpoints stay small and pickle-free
+        self.register_buffer("item_similarity", self._similarity(dataset), persistent=False)
+        self.register_buffer("tie_order", self._tie_order(dataset, config["seed"]), persistent=False)
+
+    def gram(self):
+        """G = XᵀX of the training rows, dense, on the model's device and dtype."""
+        X = self.train_history
+        return torch.from_numpy((X.T @ X).toarray()).to(device=self.device, dtype=self.dtype)
+
+    def _similarity(self, dataset):
+        if self.cache is None:
+            G = self.gram()
+        else:  # solve overwrites its G: the kept one is solved on a copy
+            if "gram" not in self.cache:
+                self.cache["gram"] = self.gram()
+            G = self.cache["gram"].clone()
         B = self.solve(G, dataset)
         del G
         B.fill_diagonal_(0.0)
-        # not persistent: recomputed from the data in __init__, so checkpoints stay small and pickle-free
-        self.register_buffer("item_similarity", B, persistent=False)
-        self.register_buffer("tie_order", self._tie_order(dataset, config["seed"]), persistent=False)
+        return B
+
+    def refit(self, dataset):
+        """B again for the current ``sweep_keys`` of ``self.config`` (a model built with ``cache``), scoring the
+        training rows again (``before_test`` may have added the validation rows)."""
+        self.item_similarity = None  # the old B goes before the new solve allocates
+        self.item_similarity = self._similarity(dataset)
+        self.history = self.train_history
 
     def solve(self, G, dataset):
         raise NotImplementedError
@@ -69,7 +93,7 @@ class LinearAutoencoder(ModelHooks, GeneralRecommender):
             gen = torch.Generator().manual_seed(int(seed))
             order = torch.randperm(n, generator=gen).to(torch.float64)
         elif self.tie_break == "popularity":
-            pop = np.asarray(self.history.sum(axis=0)).ravel()
+            pop = np.asarray(self.train_history.sum(axis=0)).ravel()
             rank = np.empty(n, dtype=np.float64)
             rank[np.argsort(pop, kind="stable")] = np.arange(n)  # most popular gets the largest bonus
             order = torch.from_numpy(rank)

@@ -4,6 +4,8 @@ from recbole_weaverec.model.lae.base import LinearAutoencoder, solve_spd_inverse
 
 
 class EASE(LinearAutoencoder):
+    sweep_keys = ("reg_weight",)
+
     @classmethod
     def validate_config(cls, config):
         super().validate_config(config)

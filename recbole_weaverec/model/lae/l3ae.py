@@ -44,6 +44,8 @@ def item_text_embeddings(config, dataset, device=None):
 
 
 class L3AE(LinearAutoencoder):
+    sweep_keys = ("reg_weight_x", "reg_weight_f", "reg_weight_e")
+
     @classmethod
     def validate_config(cls, config):
         super().validate_config(config)
@@ -78,9 +80,23 @@ class L3AE(LinearAutoencoder):
         C.fill_diagonal_(0.0)
         return C
 
+    def _cached_text_prior(self, dataset):
+        """C for the config's λ_F. With a sweep's cache, F is encoded once and C is kept for the last λ_F (solve
+        only reads C, so the kept one needs no copy)."""
+        if self.cache is None:
+            return self.text_prior(self.item_embeddings(dataset))
+        if "text_embeddings" not in self.cache:
+            self.cache["text_embeddings"] = self.item_embeddings(dataset)
+        reg_f = float(self.config["reg_weight_f"])
+        if self.cache.get("text_prior_reg_f") != reg_f:
+            self.cache.pop("text_prior", None)  # the old C goes before the new one allocates
+            self.cache["text_prior"] = self.text_prior(self.cache["text_embeddings"])
+            self.cache["text_prior_reg_f"] = reg_f
+        return self.cache["text_prior"]
+
     def solve(self, G, dataset):
         lx, le = float(self.config["reg_weight_x"]), float(self.config["reg_weight_e"])
-        C = self.text_prior(self.item_embeddings(dataset))
+        C = self._cached_text_prior(dataset)
 
         G.diagonal().add_(lx + le)
         info = torch.empty((), dtype=torch.int32, device=G.device)
@@ -98,10 +114,10 @@ class L3AE(LinearAutoencoder):
             rows = slice(start, start + ROW_BLOCK)
             pc_diag += (P[rows] * C[rows]).sum(0)
 
-        # B = P·(λ_E·C − diag((1 + λ_E·diag(PC)) / diag P)); C's diagonal is zero, so set it directly
-        C.mul_(le)
-        C.diagonal().copy_(-(1.0 + le * pc_diag) / p_diag)
+        # B = P·(λ_E·C + diag d), d = −(1 + λ_E·diag(PC)) / diag P (C's diagonal is zero); C is left intact
+        d = -(1.0 + le * pc_diag) / p_diag
         for start in range(0, P.shape[0], ROW_BLOCK):  # B overwrites P row block by row block
             rows = slice(start, start + ROW_BLOCK)
-            P[rows] = P[rows] @ C
+            block = P[rows]
+            P[rows] = torch.addmm(block * d, block, C, alpha=le)
         return P

@@ -10,6 +10,7 @@ from recbole_weaverec.model.lae.base import LinearAutoencoder, solve_spd_inverse
 
 class RLAE(LinearAutoencoder):
     drop_p_key = None  # RLAE has no dropout penalty
+    sweep_keys = ("reg_weight", "xi")
 
     @classmethod
     def validate_config(cls, config):
@@ -32,3 +33,4 @@ class RLAE(LinearAutoencoder):
 
 class RDLAE(RLAE):
     drop_p_key = "drop_p"
+    sweep_keys = ("reg_weight", "xi", "drop_p")
