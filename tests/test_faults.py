@@ -25,9 +25,11 @@ def _start_slow_run(tiny_data, folder):
     cmd = [sys.executable, str(REPO / "run_recbole_weaverec.py"), "--model=SASRec", "--dataset=tiny",
            f"--data_path={tiny_data}", "--epochs=500", "--eval_step=1", "--stopping_step=1000",
            "--show_progress=False"]
+    # the child gets Ctrl-C as from a terminal even when these tests run in a background job, whose shell starts
+    # every command with SIGINT ignored (Python then never installs its KeyboardInterrupt handler)
     proc = subprocess.Popen(cmd + ["--state=ERROR"], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True,
-                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                            text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not glob.glob(os.path.join(folder, "saved", "*.pth")):
         if proc.poll() is not None:
