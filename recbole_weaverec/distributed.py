@@ -242,6 +242,9 @@ def init_logger(config):
     from recbole.utils import init_logger as recbole_init_logger
 
     if config["single_spec"] or is_main():
+        # RecBole's ensure_dir checks, then creates: another rank's run journal (log/.unfinished) can create
+        # ./log in between, and os.makedirs then fails on rank 0
+        os.makedirs("log", exist_ok=True)
         return recbole_init_logger(config)
     logging.basicConfig(level=logging.ERROR, handlers=[logging.StreamHandler()], force=True)
 
