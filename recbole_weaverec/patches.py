@@ -25,6 +25,10 @@ exactly once; the function installed keeps RecBole's original as ``__wrapped__``
 9. ``Pop.calculate_loss`` (replaced; ``Pop.__init__`` wrapped to keep the label field): RecBole's indexed
    assignment counts an item once per batch, and counts the sampled negatives of pointwise batches; here every
    positive training interaction counts once (``index_add_``).
+10. ``recbole.trainer.hyper_tuning.exhaustive_search`` (replaced): RecBole samples with a ``RandomState``, which has
+   no ``integers``; hyperopt >= 0.2.7 draws every ``choice`` with ``rng.integers``, so ``HyperTuning(...,
+   algo="exhaustive")`` (its default) failed on the first trial. Here with a ``Generator``, otherwise as RecBole.
+   (``safe.install()`` replaces ``HyperTuning._build_space_from_file``: ``choice`` lists are literals, never eval'd.)
 """
 import importlib.machinery
 import sys
@@ -203,7 +207,43 @@ def install_pop_patch():
             setattr(Pop, name, new)
 
 
+# --- recbole.trainer.hyper_tuning --------------------------------------------------------------------------------
+def _exhaustive_search(new_ids, domain, trials, seed, nbMaxSucessiveFailures=1000):
+    """RecBole's ``exhaustive_search``: a sample not tried yet per new trial, none once ``nbMaxSucessiveFailures``
+    draws in a row were all tried (the space is exhausted); drawn with the ``Generator`` hyperopt expects."""
+    import numpy as np
+    from hyperopt import pyll
+    from hyperopt.base import miscs_update_idxs_vals
+
+    def point(vals):
+        return frozenset((key, value[0] if len(value) > 0 else None) for key, value in vals.items())
+
+    tried = {point(trial["misc"]["vals"]) for trial in trials.trials}
+    rng = np.random.default_rng(seed)
+    docs = []
+    for new_id in new_ids:
+        for _ in range(nbMaxSucessiveFailures + 1):
+            idxs, vals = pyll.rec_eval(domain.s_idxs_vals, memo={domain.s_new_ids: [new_id], domain.s_rng: rng})
+            if point(vals) not in tried:
+                break
+        else:
+            return []
+        misc = dict(tid=new_id, cmd=domain.cmd, workdir=domain.workdir)
+        miscs_update_idxs_vals([misc], idxs, vals)
+        docs.extend(trials.new_trial_docs([new_id], [None], [domain.new_result()], [misc]))
+    return docs
+
+
+def install_hyper_tuning_patch():
+    from recbole.trainer import hyper_tuning
+
+    if hyper_tuning.exhaustive_search is not _exhaustive_search:
+        _exhaustive_search.__wrapped__ = hyper_tuning.exhaustive_search
+        hyper_tuning.exhaustive_search = _exhaustive_search  # HyperTuning.__init__ looks the name up here
+
+
 def install():
     install_trainer_patches()
     install_quick_start_hook()
     install_pop_patch()
+    install_hyper_tuning_patch()

@@ -1,6 +1,6 @@
 """``run(model, dataset, config_file_list, config_dict)``: RecBole's run_recbole for our models and RecBole's
 (``spawn``: its multi-process runs), and ``load_data_and_model`` to use a saved run again, as in RecBole's
-quick_start."""
+quick_start, and ``objective_function`` for RecBole's ``HyperTuning``."""
 import glob
 import logging
 import os
@@ -171,6 +171,22 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
             raise
         files.finished()
         return result
+
+
+def objective_function(config_dict=None, config_file_list=None, saved=True):
+    """RecBole's ``objective_function`` for ``recbole.trainer.HyperTuning``, for every model ``run`` knows (ours,
+    RecBole's, ``recbole:NAME``): ``HyperTuning(objective_function, params_file=..., fixed_config_file_list=[...])``.
+
+    As in RecBole, the model and dataset come from ``config_dict`` (a trial's parameters) or the config files.
+    """
+    # the name RecBole reports (a class name: `recbole:EASE` -> EASE); also refuses bad input before anything is run
+    model = build_config(config_file_list=config_file_list, config_dict=config_dict)["model"]
+    root, log_dir = logging.getLogger(), os.path.abspath("log") + os.sep
+    for handler in root.handlers[:]:  # as RecBole's objective: each trial logs to its own file, not the first's
+        root.removeHandler(handler)
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename.startswith(log_dir):
+            handler.close()  # RecBole's log file of the previous trial (a user's own handlers stay open)
+    return {"model": model, **run(config_file_list=config_file_list, config_dict=config_dict, saved=saved)}
 
 
 def _close_log_files(log_files):

@@ -137,6 +137,12 @@ def _space_from_file(file):
     """RecBole's hyper-parameter file (``name type values`` per line) read without ``eval``."""
     from recbole.trainer.hyper_tuning import HyperTuning
 
+    return HyperTuning._build_space_from_dict(read_params_spec(file))
+
+
+def read_params_spec(file):
+    """A RecBole params file as RecBole's ``params_dict`` layout, ``{type: {name: values}}``, parsed as literals
+    (also read by ``python -m recbole_weaverec.tune``)."""
     spec = {}
     with open(file, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -152,17 +158,21 @@ def _space_from_file(file):
                     raise ConfigError(f"{where}: choice values {raw!r} of {name} are not a literal list "
                                       f"(e.g. [0.1,0.5] or ['a','b'])") from None
                 if not isinstance(value, (list, tuple)):
-                    raise ConfigError(f"{where}: choice values {raw!r} of {name} are not a list")
+                    raise ConfigError(f"{where}: choice values {raw!r} of {name} are not a list (e.g. [0.1,0.5] "
+                                      f"or ['a','b'])")
             elif kind in ("uniform", "quniform", "loguniform"):
+                form = "low,high,q" if kind == "quniform" else "low,high"
                 try:
                     value = [float(v) for v in raw.split(",")]
                 except ValueError:
-                    raise ConfigError(f"{where}: {kind} bounds {raw!r} of {name} are not numbers") from None
+                    raise ConfigError(f"{where}: {kind} bounds {raw!r} of {name} are not numbers ({form})") from None
+                if len(value) != len(form.split(",")):
+                    raise ConfigError(f"{where}: {kind} of {name} takes {form}, got {raw!r}")
             else:
                 raise ConfigError(f"{where}: unknown parameter type {kind!r} (choice, uniform, quniform, "
                                   f"loguniform)")
             spec.setdefault(kind, {})[name] = list(value)
-    return HyperTuning._build_space_from_dict(spec)
+    return spec
 
 
 class _NoPickleNumpy:

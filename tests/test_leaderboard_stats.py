@@ -45,9 +45,9 @@ def test_cells_keep_per_user_metrics_averaging_to_the_cell_metric(tiny_data, run
     assert {k: round(v, 4) for k, v in rows[("full", "EASE")]["metrics"].items()} == plain["test_result"]
     md = (run_dir / "out" / "results.md").read_text()
     head = md[md.index("Test NDCG@10:"):md.index("### `full` · tiny")]
-    assert "| model | sources | history / ties | tiny |" in head
-    assert re.search(r"\| EASE \| - \| train\+valid / popularity \| (\*\*)?0\.\d{4} ± 0\.\d{4}(\*\*)? \|", head)
-    assert re.search(r"\| Pop \| - \| train / none \| (\*\*)?0\.\d{4} ± 0\.\d{4}(\*\*)? \|", head)
+    assert "| model | sources | history / ties | tuning | tiny |" in head
+    assert re.search(r"\| EASE \| - \| train\+valid / popularity \| defaults \| (\*\*)?0\.\d{4} ± 0\.\d{4}(\*\*)? \|", head)
+    assert re.search(r"\| Pop \| - \| train / none \| defaults \| (\*\*)?0\.\d{4} ± 0\.\d{4}(\*\*)? \|", head)
     assert NO_PER_USER not in md
 
 
@@ -62,7 +62,7 @@ def _pu_row(label, seed, values, dataset="d1", users=None, protocol="full"):
 def _headline(md, protocol="full"):
     part = md[md.index(f"## Protocol `{protocol}`"):]
     part = part[part.index("Test NDCG@10:"):part.index("### ")]
-    lines = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[4:-1]]
+    lines = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[5:-1]]
              for ln in part.splitlines() if ln.startswith("| ") and not ln.startswith("| model")}
     return part, lines
 

@@ -1,5 +1,4 @@
 """``Leaderboard``: a board's cells with their cache; runs the missing ones and writes the report for the whole grid."""
-import json
 import sys
 from pathlib import Path
 
@@ -8,60 +7,98 @@ from recbole_weaverec.files import write_text
 from recbole_weaverec.leaderboard.grid import expand_grid, sources_label
 from recbole_weaverec.leaderboard.report import render_markdown, write_charts, write_csv
 from recbole_weaverec.leaderboard.runner import SubprocessRunner
+from recbole_weaverec.leaderboard.tuning import CellCache, Tuner, with_params
 
 
 class Leaderboard:
-    def __init__(self, cfg, runner=None, show_progress=True):
+    """``tuned=False`` (``--untuned``): every entry with its defaults, written to ``output_dir/untuned``."""
+
+    def __init__(self, cfg, runner=None, show_progress=True, tuned=True):
         self.cfg = cfg
-        self.out = Path(cfg["output_dir"])
-        self.cache = self.out / "cache"
+        self.tuned = tuned
+        self.cache = Path(cfg["output_dir"]) / "cache"
+        self.out = Path(cfg["output_dir"]) / ("" if tuned else "untuned")
         self.cells = expand_grid(cfg)
         self.runner = runner or SubprocessRunner(self.cache, cfg["timeout"], show_progress)
+        self.store = CellCache(self.cache)
+        tuning = cfg.get("tuning") or {"trials": 8, "seed": cfg["sample_seed"], "storage": None}
+        self.tuner = Tuner(self.cache, self.runner, tuning["trials"], tuning["seed"], tuning["storage"])
+        self.spaces = {m["label"]: m.get("tune") for m in cfg["models"]}
+        self.bases = {}  # an entry's group -> its first seed's cell, the one its search runs on
+        for c in self.cells:
+            self.bases.setdefault(_group(c), c)
 
     def cached(self, cell):
-        path = self.cache / "cells" / f"{cell['hash']}.json"
-        if not path.is_file():
-            return None
-        try:
-            row = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(row, dict) and row.get("status") in ("ok", "failed") and isinstance(row.get("metrics"), dict):
-                return row
-            problem = "not a result row"
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        # a cache must not fail every run until deleted by hand: say which file, and compute the cell again
-        print(f"warning: cached cell {path} is corrupt ({problem}); it is computed again", file=sys.stderr)
-        path.unlink(missing_ok=True)
-        return None
+        return self.store.get(cell)
 
-    def select(self, only=None):
+    def space(self, cell):
+        return self.spaces.get(cell["label"]) if self.tuned else None
+
+    def effective(self, cell):
+        """(the cell as it runs: with its entry's chosen values, or None while the search is unfinished; the
+        search's record, or None for an entry that is not tuned)."""
+        space = self.space(cell)
+        if space is None:
+            return cell, None
+        record = self.tuner.chosen(self.bases[_group(cell)], space)
+        if record is None or record.get("params") is None:
+            return None, record
+        return with_params(cell, record["params"]), record
+
+    def select(self, only=None, protocols=None):
+        cells = list(self.cells)
+        if protocols:
+            bad = [p for p in protocols if p not in self.cfg["protocols"]]
+            if bad:
+                raise LeaderboardConfigError(f"--protocol {bad[0]!r} is not a table of this board: "
+                                             f"{', '.join(self.cfg['protocols'])}")
+            cells = [c for c in cells if c["protocol"] in protocols]
         if not only:
-            return list(self.cells)
+            return cells
         names = {c["model"] for c in self.cells} | {c["label"] for c in self.cells}
         bad = [o for o in only if o not in names]
         if bad:
             raise LeaderboardConfigError(f"--only {bad[0]!r} is not a model of this board: {', '.join(sorted(names))}")
-        return [c for c in self.cells if c["model"] in only or c["label"] in only]
+        return [c for c in cells if c["model"] in only or c["label"] in only]
 
-    def dry_run(self, only=None, file=None):
+    def dry_run(self, only=None, file=None, protocols=None):
         file = file or sys.stdout
-        cells = self.select(only)
+        cells = self.select(only, protocols)
         width = max([len(c["label"]) for c in cells] + [5])
         print(f"{len(cells)} cells ({sum(self.cached(c) is not None for c in cells)} cached) -> {self.out}",
               file=file)
         for c in cells:
+            eff, record = self.effective(c)
             state = ("skipped: not installed" if not c["available"]
-                     else "cached" if self.cached(c) is not None else "to run")
+                     else f"to tune ({self.tuner.trials} trials), then run" if eff is None
+                     else "cached" if self.cached(eff) is not None else "to run")
+            if record and eff is not None:
+                state += f" (tuned: {_values(record['params'])})"
+                c = eff
             print(f"  {c['protocol']:<6} {c['label']:<{width}} {c['dataset']:<16} {sources_label(c):<24} "
                   f"seed={c['seed']:<6} {c['hash']}  {state}", file=file)
 
-    def run(self, only=None):
+    def run(self, only=None, protocols=None):
         """Compute the missing cells of the selection; write the outputs for the whole grid. Returns #failed."""
         from tqdm import tqdm
 
-        todo = [c for c in self.select(only) if c["available"] and self.cached(c) is None]
-        fresh = {}
+        selected = [c for c in self.select(only, protocols) if c["available"]]
         failed = 0
+        searches = list({_group(c): self.bases[_group(c)] for c in selected
+                         if self.space(c) is not None and self.effective(c)[0] is None}.values())
+        for base in searches:  # each tuned entry's search first, on its first seed (validation scores only)
+            tqdm.write(f"[{base['protocol']}] tuning {base['label']} on {base['dataset']} "
+                       f"(sources: {sources_label(base)}, seed {base['seed']}): {self.tuner.trials} trials",
+                       file=sys.stderr)
+            record = self.tuner.tune(base, self.space(base), log=lambda text: tqdm.write(text, file=sys.stderr))
+            if record["params"] is None:
+                failed += 1
+                tqdm.write(f"  tuning failed: {record['error']}", file=sys.stderr)
+            else:
+                tqdm.write(f"  chosen: {_values(record['params'])} (valid {record['valid_score']:.4f})",
+                           file=sys.stderr)
+        todo = [e for e in (self.effective(c)[0] for c in selected) if e is not None and self.cached(e) is None]
+        fresh = {}
         bar = tqdm(todo, desc=f"leaderboard {self.cfg['name']}", unit="cell", dynamic_ncols=True)
         try:
             for cell in bar:
@@ -70,10 +107,8 @@ class Leaderboard:
                            f"(sources: {sources_label(cell)}, seed {cell['seed']})", file=sys.stderr)
                 row = self.runner(cell)
                 fresh[cell["hash"]] = row
-                if row["status"] == "ok":
-                    # compact separators: a row carries one value per test user and metric
-                    write_text(self.cache / "cells" / f"{cell['hash']}.json", json.dumps(row, separators=(",", ":")))
-                else:
+                self.store.put(cell, row)
+                if row["status"] != "ok":
                     failed += 1
                     tqdm.write(f"  failed: {row['error']}", file=sys.stderr)
                 self.write_outputs(fresh, charts=False)  # an interrupted run still leaves its tables
@@ -86,17 +121,25 @@ class Leaderboard:
         fresh = fresh or {}
         rows = []
         for c in self.cells:
+            eff, record = self.effective(c)
             if not c["available"]:
                 r = {"status": "skipped", "error": f"model {c['model']} is not installed yet", "metrics": {}}
+            elif eff is None:
+                r = {"status": "failed" if record else "pending", "metrics": {},
+                     "error": f"tuning: {record['error']}" if record else ""}
             else:
+                c = eff
                 r = fresh.get(c["hash"]) or self.cached(c) or {"status": "pending", "error": "", "metrics": {}}
+            tuning = {"tuning": "defaults", "tuned_params": None} if self.space(c) is None else {
+                "tuning": f"tuned: {record['trials']} trials" if record else "to tune",
+                "tuned_params": record["params"] if record else None}
             rows.append({"protocol": c["protocol"], "model": c["model"], "label": c["label"],
                          "dataset": c["dataset"], "sources": sources_label(c, short=True),
                          "source_domains": "+".join(c["sources"]), "seed": c["seed"],
                          "status": r["status"], "error": r.get("error", ""), "wall_s": r.get("wall_s", ""),
                          "history": r.get("history", ""), "tie_break": r.get("tie_break", ""),
                          "model_type": r.get("model_type", ""), "valid_score": r.get("valid_score", ""),
-                         "hash": c["hash"], "metrics": r["metrics"], "per_user": r.get("per_user")})
+                         "hash": c["hash"], "metrics": r["metrics"], "per_user": r.get("per_user"), **tuning})
         return rows
 
     def write_outputs(self, fresh=None, charts=True):
@@ -107,3 +150,12 @@ class Leaderboard:
         names = write_charts(rows, self.cfg, self.out) if charts else None
         md = render_markdown(rows, self.cfg, charts=names)
         write_text(self.out / "results.md", md)
+
+
+def _group(cell):
+    """The cells that share one search: a protocol x entry x dataset x source set (all its seeds)."""
+    return cell["protocol"], cell["label"], cell["dataset"], tuple(cell["sources"])
+
+
+def _values(params):
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())

@@ -23,6 +23,8 @@ def build_parser():
     p.add_argument("--only", action="append", metavar="MODEL",
                    help="compute only this model's cells (name or label; repeatable); the tables keep the others' "
                         "cached results")
+    p.add_argument("--protocol", action="append", metavar="NAME",
+                   help="compute only this table's cells (e.g. full; repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the grid and which cells are cached; run nothing")
     p.add_argument("--render", action="store_true",
                    help="run nothing: rewrite results.csv, results.md and the PNGs from the cached cells")
@@ -31,6 +33,9 @@ def build_parser():
     p.add_argument("--sample-seed", metavar="N",
                    help="seed of the evaluated users (eval_sample_users) and the uniN candidates of every cell, "
                         f"0 to {2**32 - 1}, instead of the config's sample_seed (cells are cached per sample seed)")
+    p.add_argument("--untuned", action="store_true",
+                   help="ignore the models' tune: blocks: every entry with its defaults, written to "
+                        "OUTPUT_DIR/untuned (the cache is shared)")
     p.add_argument("--run-cell", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p
@@ -57,13 +62,13 @@ def main(argv=None):
         cfg = load_config(args.config, sample_seed=_seed(args.sample_seed))
         if args.output_dir:
             cfg["output_dir"] = str(Path(args.output_dir).resolve())
-        board = Leaderboard(cfg, show_progress=not args.quiet)
-        board.select(args.only)  # validates --only before anything runs
+        board = Leaderboard(cfg, show_progress=not args.quiet, tuned=not args.untuned)
+        board.select(args.only, args.protocol)  # validates --only and --protocol before anything runs
     except LeaderboardConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        board.dry_run(args.only)
+        board.dry_run(args.only, protocols=args.protocol)
         return 0
     if args.render:
         board.write_outputs()
@@ -72,7 +77,7 @@ def main(argv=None):
     # a plain `kill` of the board stops the running cell too (its process has its own session)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        failed = board.run(args.only)
+        failed = board.run(args.only, args.protocol)
     except KeyboardInterrupt:
         print("interrupted: finished cells are cached; run again to compute the rest", file=sys.stderr)
         return 130

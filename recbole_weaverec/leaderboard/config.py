@@ -21,7 +21,10 @@ TOP_KEYS = {
     "config": "RecBole/model settings for every cell",
     "models": "list of model entries",
     "timeout": "seconds one cell may run before it is killed (number)",
+    "tuning": "{trials: N, seed: S, storage: URL}: the search of every model entry with a tune: block (the same "
+              "budget for each; default 8 trials, seed = sample_seed, SQLite in cache/tune.db)",
 }
+TUNING_KEYS = ("trials", "seed", "storage")
 MODEL_KEYS = {
     "model": "model name (ours, RecBole's, recbole:NAME)",
     "label": "name in the table",
@@ -32,6 +35,8 @@ MODEL_KEYS = {
     "optional": "skip (not fail) when the model's module is not installed yet",
     "source_domains": "source-domain sets (cross-domain models)",
     "merge_domains": "domain sets to merge (MergeRec)",
+    "tune": "search space, tuned on validation: {params: {name: 'TYPE VALUES'}} or {params_file: FILE} "
+            "(RecBole's params-file syntax: choice, uniform, quniform, loguniform)",
 }
 PROTOCOL_KEYS = {"config", "headline", "columns"}
 SOURCE_KEYS = ("source_domains", "merge_domains")
@@ -139,6 +144,7 @@ def validate_config(raw, default_name="leaderboard", sample_seed=None):
         _fail(f"timeout must be a positive number of seconds, got {timeout!r}")
     cfg["timeout"] = timeout
     cfg["config"] = _config_dict(raw.get("config", {}), "config", table=True)
+    cfg["tuning"] = _tuning(raw.get("tuning", {}), cfg["sample_seed"])
 
     protocols = raw["protocols"]
     if isinstance(protocols, list):
@@ -181,6 +187,7 @@ def validate_config(raw, default_name="leaderboard", sample_seed=None):
              "datasets": _subset(entry, "datasets", cfg["datasets"], where),
              "protocols": _subset(entry, "protocols", list(cfg["protocols"]), where),
              "sources": None}
+        m["tune"] = _tune_space(entry["tune"], f"{where}.tune", m["config"]) if "tune" in entry else None
         given = [k for k in SOURCE_KEYS if k in entry]
         if len(given) > 1:
             _fail(f"{where} sets both source_domains and merge_domains; a model takes one of them")
@@ -236,3 +243,39 @@ def _source_sets(value, cfg, where):
             _dataset_exists(cfg["data_path"], n, where)
         sets.append(names)
     return sets
+
+
+def _tuning(value, sample_seed):
+    _check_keys(value, TUNING_KEYS, "tuning")
+    trials = value.get("trials", 8)
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        _fail(f"tuning.trials must be a positive integer, got {trials!r}")
+    seed = value.get("seed", sample_seed)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        _fail(f"tuning.seed must be an integer from 0 to {2**32 - 1}, got {seed!r}")
+    storage = value.get("storage")
+    if storage is not None and (not isinstance(storage, str) or not storage):
+        _fail(f"tuning.storage must be a database URL or a file path, got {storage!r}")
+    return {"trials": trials, "seed": seed, "storage": storage}
+
+
+def _tune_space(value, where, model_config):
+    """A model entry's ``tune:`` -> its Space; the tuned names must be settings a model may take."""
+    from recbole_weaverec.errors import ConfigError
+    from recbole_weaverec.tune.space import Space
+
+    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in ("params", "params_file"):
+        _fail(f"{where} must be {{params: {{name: 'TYPE VALUES'}}}} or {{params_file: FILE}}, got {value!r}")
+    try:
+        if "params_file" in value:
+            space = Space.from_file(str(value["params_file"]))
+        else:
+            space = Space.from_mapping(value["params"], f"{where}.params")
+    except ConfigError as e:
+        _fail(str(e))
+    for name in space.params:
+        if name in TABLE_ONLY:
+            _fail(f"{where}: {name!r} cannot be tuned: the board sets it for the whole table")
+        if name in model_config:
+            _fail(f"{where}: {name!r} is both set in config and tuned; remove it from one of them")
+    return space

@@ -15,7 +15,10 @@ PROPERTIES = PACKAGE / "properties"
 # code that only presents or looks up finished cells (tables, charts, the cache, the command line): editing it must
 # not invalidate the board, or `--render` after a change to the report would find no cached cell
 PRESENTATION_ONLY = ("leaderboard/__init__.py", "leaderboard/__main__.py", "leaderboard/board.py",
-                     "leaderboard/cli.py", "leaderboard/report.py", "leaderboard/significance.py")
+                     "leaderboard/cli.py", "leaderboard/report.py", "leaderboard/significance.py",
+                     # the search only chooses a cell's config (its study key hashes this code: tuning.study_name)
+                     "leaderboard/tuning.py", "tune/__init__.py", "tune/__main__.py", "tune/cli.py",
+                     "tune/space.py", "tune/study.py")
 CHUNK = 1 << 20
 _DIGESTS = {}  # (path, size, mtime_ns) -> sha256 of the file's contents, for this process
 

@@ -4,6 +4,7 @@ per protocol and metric (error bars: the 95% interval over users)."""
 import contextlib
 import csv
 import datetime
+import json
 import math
 import os
 import platform
@@ -27,12 +28,14 @@ def write_csv(rows, path):
     for r in rows:
         metrics += [m for m in r["metrics"] if m not in metrics]
     fields = ["protocol", "model", "label", "dataset", "source_domains", "seed", "status", "history", "tie_break",
-              "model_type", "wall_s", "valid_score", *[metric_name(m) for m in metrics], "error", "hash"]
+              "tuning", "tuned_params", "model_type", "wall_s", "valid_score", *[metric_name(m) for m in metrics],
+              "error", "hash"]
     with replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
             out = {k: r[k] for k in fields if k in r}
+            out["tuned_params"] = json.dumps(r["tuned_params"], sort_keys=True) if r.get("tuned_params") else ""
             out.update({metric_name(m): f"{v:.6g}" for m, v in r["metrics"].items()})
             w.writerow(out)
 
@@ -50,7 +53,8 @@ def aggregate(rows):
     for r in rows:
         key = (r["protocol"], r["dataset"], r["label"], r["sources"])
         g = groups.setdefault(key, {"values": {}, "n": 0, "total": 0, "wall": [], "history": "", "tie_break": "",
-                                    "errors": [], "statuses": set()})
+                                    "errors": [], "statuses": set(), "tuning": r.get("tuning") or "defaults",
+                                    "tuned_params": r.get("tuned_params")})
         g["total"] += 1
         g["statuses"].add(r["status"])
         if r["status"] == "ok":
@@ -74,6 +78,10 @@ def _fmt(mean, std, n, digits=4):
 def _conditions(g):
     """'train+valid / popularity': the history a model scores test users from, and how it orders equal scores."""
     return f"{g['history'] or '-'} / {g['tie_break'] or '-'}"
+
+
+def _tuning(g):
+    return g["tuning"] if g else "-"
 
 
 def _columns(cfg, protocol, groups):
@@ -188,19 +196,19 @@ def render_markdown(rows, cfg=None, charts=None, now=None):
                 g = groups.get((protocol, d, label, src))
                 if g is None:
                     continue
-                line = [label, src, _conditions(g)]
+                line = [label, src, _conditions(g), _tuning(g)]
                 for j, m in enumerate(columns):
                     if m in g["metrics"]:
                         mean, std = g["metrics"][m]
                         line.append(_fmt(mean, std, g["n"]))
-                        means.setdefault(j + 3, []).append(mean)
+                        means.setdefault(j + 4, []).append(mean)
                     else:
                         line.append(_missing(g))
-                        means.setdefault(j + 3, []).append(None)
+                        means.setdefault(j + 4, []).append(None)
                 wall = f"{sum(g['wall']) / len(g['wall']):.0f}" if g["wall"] else "-"
                 line += [wall, f"{g['n']}/{g['total']}"]
                 body.append(line)
-            header = ["model", "sources", "history / ties", *[metric_name(m) for m in columns], "time (s)",
+            header = ["model", "sources", "history / ties", "tuning", *[metric_name(m) for m in columns], "time (s)",
                       "seeds"]
             out += [markdown_table(header, body, means), ""]
             notes = [(label, e) for (p, dd, label, _), g in groups.items() if p == protocol and dd == d
@@ -215,6 +223,7 @@ def render_markdown(rows, cfg=None, charts=None, now=None):
         out += [f"- {m['label']}: `{_settings(m['config'])}`" for m in cfg["models"] if m["config"]]
         out += ["- other settings: each model's defaults (properties/model/NAME.yaml for ours, RecBole's for "
                 "its built-ins)"]
+        out += _tuned_section(groups, cfg)
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -222,8 +231,8 @@ def _headline_table(protocol, head, models, datasets, groups, by_group):
     """Models x datasets: mean ± 95% interval where the cells kept per-user data (the mean alone otherwise); the
     best bold only where significant (``significance.compare``), with a footnote per column where it is not."""
     finished = {k[2:]: g for k, g in groups.items() if k[0] == protocol and g["n"]}  # history / ties: any dataset's
-    body = [[label, src, _conditions(finished[(label, src)]) if (label, src) in finished else "-"]
-            for label, src in models]
+    body = [[label, src, _conditions(finished[(label, src)]) if (label, src) in finished else "-",
+             _tuning(finished.get((label, src)))] for label, src in models]
     notes = []
     for d in datasets:
         entries, texts = [], []
@@ -248,7 +257,7 @@ def _headline_table(protocol, head, models, datasets, groups, by_group):
             line.append(f"**{text}**" if label == best else text)
         if note:
             notes.append(f"- `{d}`: {note}")
-    lines = [markdown_table(["model", "sources", "history / ties", *datasets], body, {}), ""]
+    lines = [markdown_table(["model", "sources", "history / ties", "tuning", *datasets], body, {}), ""]
     return lines + (notes + [""] if notes else [])
 
 
@@ -337,3 +346,23 @@ def machine():
             desc += f", GPU {torch.cuda.get_device_name(0)}"
     return desc
 
+
+
+def _tuned_section(groups, cfg):
+    """The values each tuned entry runs with, per table and dataset, and the search that chose them."""
+    tuned = [(k, g) for k, g in groups.items() if g["tuned_params"]]
+    spaces = {m["label"]: m["tune"] for m in cfg["models"] if m.get("tune") is not None}
+    if not tuned and not spaces:
+        return []
+    t = cfg.get("tuning") or {}
+    out = ["", "## Tuning", "",
+           f"Entries with a `tune:` block are searched on the validation split of their first seed (Optuna: "
+           f"exhaustively when every value is a choice, TPE otherwise; sampler seed {t.get('seed')}), with the same "
+           f"budget of {t.get('trials')} trials each (a whole grid when it is smaller); the test split never takes "
+           f"part. Every seed then runs with the chosen values. `--untuned` gives the rows with defaults.", ""]
+    out += [f"- {label} searched: `{_settings(space.describe())}`" for label, space in spaces.items()]
+    if tuned:
+        out += ["", "| table | model | sources | dataset | chosen |", "|---|---|---|---|---|"]
+        out += [f"| {p} | {label} | {src} | {d} | `{_settings(g['tuned_params'])}` |"
+                for (p, d, label, src), g in tuned]
+    return out

@@ -1,0 +1,121 @@
+"""Tuning on validation: one Optuna study (``tune.study``) per protocol x model entry x dataset x source set, whose
+trials are cells (the cell's config plus the drawn values) run by the board's runner and cached under the same
+``cell_hash`` as every other cell. The study chooses by the validation score only; the chosen values are written to
+``cache/tuned/<study>.json`` and every seed of the entry then runs with them. The tuned cell of the tuning seed is
+the chosen trial itself (same config, same hash), so it is not run twice."""
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from recbole_weaverec.files import write_text
+from recbole_weaverec.leaderboard.fingerprint import PACKAGE, file_digest
+from recbole_weaverec.leaderboard.grid import cell_hash
+from recbole_weaverec.tune.study import best, search
+
+TUNING_CODE = ("tune/space.py", "tune/study.py", "leaderboard/tuning.py")  # decide which values are chosen
+
+
+class CellCache:
+    """``<cache>/cells/<hash>.json``: finished cells (ok rows only: a failure is computed again next time)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def path(self, cell):
+        return self.root / "cells" / f"{cell['hash']}.json"
+
+    def get(self, cell):
+        path = self.path(cell)
+        if not path.is_file():
+            return None
+        try:
+            row = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(row, dict) and row.get("status") in ("ok", "failed") and isinstance(row.get("metrics"), dict):
+                return row
+            problem = "not a result row"
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        # a cache must not fail every run until deleted by hand: say which file, and compute the cell again
+        print(f"warning: cached cell {path} is corrupt ({problem}); it is computed again", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return None
+
+    def put(self, cell, row):
+        if row["status"] == "ok":  # compact separators: a row carries one value per test user and metric
+            write_text(self.path(cell), json.dumps(row, separators=(",", ":")))
+
+
+def with_params(cell, params):
+    """The cell with the given hyperparameter values in its config (and its own hash)."""
+    out = {**cell, "config": {**cell["config"], **params}}
+    out["hash"] = cell_hash(out)
+    return out
+
+
+def study_name(base_cell, space, seed):
+    """The study's key: the tuning seed's cell (its config, defaults, code and data, as ``cell_hash``), the space,
+    the sampler seed and the tuning code. The trial budget is not in it: a larger budget continues the study."""
+    code = {name: file_digest(PACKAGE / name) for name in TUNING_CODE}
+    blob = json.dumps({"cell": base_cell["hash"], "space": space.describe(), "seed": seed, "code": code},
+                      sort_keys=True)
+    return "tune-" + hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
+
+
+class Tuner:
+    def __init__(self, cache_dir, runner, trials, seed, storage=None):
+        self.cache_dir = Path(cache_dir)
+        self.cells = CellCache(self.cache_dir)
+        self.runner = runner
+        self.trials = trials
+        self.seed = seed
+        self.storage = storage or str(self.cache_dir / "tune.db")
+
+    def _record(self, base_cell, space):
+        return self.cache_dir / "tuned" / f"{study_name(base_cell, space, self.seed)}.json"
+
+    def chosen(self, base_cell, space):
+        """The chosen values of a finished search with at least this budget, or None."""
+        path = self._record(base_cell, space)
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            print(f"warning: tuning record {path} is unreadable; the search is continued", file=sys.stderr)
+            return None
+        return record if record.get("trials", 0) >= min(self.trials, space.size() or self.trials) else None
+
+    def tune(self, base_cell, space, log=None):
+        """Run (or continue) the search for this cell's entry; returns its record (params, trials, valid score)."""
+        log = log or (lambda text: print(text, file=sys.stderr))
+
+        def evaluate(params):
+            cell = with_params(base_cell, params)
+            row = self.cells.get(cell)
+            if row is None:
+                row = self.runner(cell)
+                self.cells.put(cell, row)
+            score = row.get("valid_score") if row["status"] == "ok" else None
+            shown = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
+            log(f"  trial {shown}: " + (f"valid {score:.4f}" if score is not None else row.get("error", "failed")))
+            # the trial keeps where its cell is and whether it ran; never its test metrics
+            return score, {"hash": cell["hash"], "status": row["status"], "error": row.get("error", "")}
+
+        name = study_name(base_cell, space, self.seed)
+        study, budget = search(space, evaluate, trials=self.trials, storage=self.storage, study_name=name,
+                               seed=self.seed, maximize=base_cell["config"].get("valid_metric_bigger", True))
+        top = best(study)
+        if top is None:
+            record = {"study": name, "trials": budget, "params": None, "valid_score": None,
+                      "error": "every trial failed"}
+        else:
+            record = {"study": name, "trials": budget, "params": space.decode(top.params),
+                      "valid_score": top.value, "trial_hash": top.user_attrs.get("hash"),
+                      "space": space.describe()}
+        write_text(self._record(base_cell, space), json.dumps(record, indent=1))
+        return record
+
+
+def _short(value):
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
