@@ -48,7 +48,8 @@ class FakeRunner:
                     "wall_s": 0.1, "history": "", "model_type": ""}
         score = 0.1 * (len(cell["label"]) % 5) + 0.01 * cell["seed"]
         return {"status": "ok", "error": "", "metrics": {"ndcg@10": score, "recall@10": 2 * score},
-                "wall_s": 0.5, "history": "train+valid", "model_type": "TRADITIONAL", "valid_score": score}
+                "wall_s": 0.5, "history": "train+valid", "model_type": "TRADITIONAL", "valid_score": score,
+                "code": fingerprint.loaded_code()}
 
 
 def test_grid_expansion(data, tmp_path):
@@ -244,6 +245,11 @@ def test_real_tiny_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert main(["--config", str(path), "--render"]) == 0 and calls == []  # outputs from the cache alone
     assert (out / "results.md").is_file() and (out / "full_NDCG-10.png").is_file()
     assert json.loads(next((out / "cache" / "cells").glob("*.json")).read_text())["status"] == "ok"
+    codes = [json.loads(p.read_text())["code"] for p in (out / "cache" / "cells").glob("*.json")]
+    assert all("quick_start.py" in c and "model/llm/llmrec.py" not in c and "model/llm/scoring.py" not in c
+               for c in codes)  # an EASE or Pop cell never runs the LLM code: editing it keeps these cells
+    assert any("model/lae/ease.py" in c for c in codes)
+    assert not any("leaderboard/report.py" in c for c in codes)  # presentation code never invalidates a cell
 
 
 def _record_candidates(monkeypatch):
@@ -396,4 +402,20 @@ def test_cell_hash_covers_defaults_data_and_code(data, tmp_path, monkeypatch):
     shutil.rmtree(data / "tinyb")  # a missing dataset: hashed as such, the cell fails later with its own error
     gone = _hashes(cfg)
     assert {k for k in before if gone[k] != after[k]} == {k for k in before if k[2] == "tinyb"}
-    assert fingerprint.code_digest().startswith(f"recbole_weaverec {__version__} ")
+    assert fingerprint.versions().startswith(f"recbole_weaverec {__version__}; recbole ")
+
+
+def test_cells_are_recomputed_only_when_code_they_ran_changes(tmp_path, monkeypatch):
+    """A cell records the package files its process imported; editing one of them (and only those) recomputes it."""
+    copy = tmp_path / "pkg"
+    shutil.copytree(fingerprint.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__", "dataset"))
+    code = {"model/lae/ease.py": fingerprint.file_digest(copy / "model/lae/ease.py"),
+            "quick_start.py": fingerprint.file_digest(copy / "quick_start.py")}
+    monkeypatch.setattr(fingerprint, "PACKAGE", copy)
+    assert fingerprint.code_unchanged(code)
+    (copy / "model/llm/llmrec.py").write_text("# edited\n", encoding="utf-8")  # not run by this cell
+    assert fingerprint.code_unchanged(code)
+    (copy / "model/lae/ease.py").write_text("# edited\n", encoding="utf-8")
+    assert not fingerprint.code_unchanged(code)
+    assert not fingerprint.code_unchanged({}) and not fingerprint.code_unchanged(None)  # rows of older versions
+    assert not fingerprint.code_unchanged({"gone.py": "x"})

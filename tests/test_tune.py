@@ -9,6 +9,7 @@ import yaml
 
 from recbole_weaverec.errors import ConfigError
 from recbole_weaverec.leaderboard import Leaderboard, LeaderboardConfigError, validate_config
+from recbole_weaverec.leaderboard.fingerprint import loaded_code
 from recbole_weaverec.leaderboard.tuning import with_params
 from recbole_weaverec.tune.space import Space
 from recbole_weaverec.tune.study import search
@@ -114,7 +115,7 @@ class ScoredRunner:
         valid = 0.5 - abs(math.log10(lam) - 2) * 0.1 + 0.001 * cell["seed"]
         test = self.rng.random()
         return {"status": "ok", "error": "", "metrics": {"ndcg@10": test}, "wall_s": 0.1, "history": "train",
-                "model_type": "GENERAL", "valid_score": valid}
+                "model_type": "GENERAL", "valid_score": valid, "code": loaded_code()}
 
 
 def test_board_tunes_on_validation_only(data, tmp_path):

@@ -1,11 +1,12 @@
-"""What a cell's result depends on beyond its own config dict, for its cache key (``grid.cell_hash``): the package's
-defaults (every properties YAML it ships), its code (version and source files, RecBole's version) and the contents of
-the dataset files the cell reads.
+"""What a cell's result depends on beyond its own config dict: in its cache key (``grid.cell_hash``) the package's
+defaults (every properties YAML it ships), the package's and RecBole's versions and the contents of the dataset files
+the cell reads; and beside it, the package's source files the cell's process imported (``loaded_code``, stored in the
+row, checked by ``code_unchanged`` when the cell is looked up): editing a module recomputes the cells that ran it
+(an EASE cell never imports the LLM code, so editing that keeps it).
 
 Contents are hashed (size and mtime alone miss an edit that keeps both), each file once per process and
 (path, size, mtime): a board of many cells reads each file once, in chunks (atomic files can be tens of MB).
 """
-import functools
 import glob
 import hashlib
 from pathlib import Path
@@ -64,20 +65,42 @@ def defaults_digest():
     return _tree_digest(PROPERTIES, properties_files())
 
 
-@functools.lru_cache(maxsize=None)
-def code_digest():
-    """The package's version and a hash of its source files (those that can change a cell's result), and RecBole's
-    version (its own defaults and code); once per process."""
+def versions():
+    """The package's and RecBole's versions (part of every cell's key)."""
     from importlib import metadata
 
     import recbole_weaverec
 
-    files = sorted(p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).as_posix() not in PRESENTATION_ONLY)
     try:
         recbole = metadata.version("recbole")
     except metadata.PackageNotFoundError:
         recbole = "unknown"
-    return f"recbole_weaverec {recbole_weaverec.__version__} {_tree_digest(PACKAGE, files)}; recbole {recbole}"
+    return f"recbole_weaverec {recbole_weaverec.__version__}; recbole {recbole}"
+
+
+def _result_code(path):
+    rel = Path(path).resolve().relative_to(PACKAGE).as_posix()
+    return rel.endswith(".py") and rel not in PRESENTATION_ONLY
+
+
+def loaded_code():
+    """{package file: sha256} of every source file of the package this process has imported that can change a
+    cell's result; called at the end of a cell's own process, so it lists exactly what the run used."""
+    import sys
+
+    out = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and Path(path).resolve().is_relative_to(PACKAGE) and _result_code(path):
+            out[Path(path).resolve().relative_to(PACKAGE).as_posix()] = file_digest(Path(path).resolve())
+    return dict(sorted(out.items()))
+
+
+def code_unchanged(code):
+    """True when every file of ``loaded_code``'s record still has that content (a row without one: False)."""
+    if not isinstance(code, dict) or not code:
+        return False
+    return all(isinstance(rel, str) and file_digest(PACKAGE / rel) == digest for rel, digest in code.items())
 
 
 def data_digest(data_path, names):

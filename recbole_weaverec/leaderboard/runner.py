@@ -91,6 +91,9 @@ def run_cell(cell, show_progress=False):
     except Exception as e:  # one line: the type and the first line of the message
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}".strip()
     row["wall_s"] = round(time.time() - start, 2)
+    from recbole_weaverec.leaderboard.fingerprint import loaded_code
+
+    row["code"] = loaded_code()  # the package files this run imported: the cache recomputes it when one changes
     return row
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from recbole_weaverec.files import write_text
-from recbole_weaverec.leaderboard.fingerprint import PACKAGE, file_digest
+from recbole_weaverec.leaderboard.fingerprint import PACKAGE, code_unchanged, file_digest
 from recbole_weaverec.leaderboard.grid import cell_hash
 from recbole_weaverec.tune.study import best, search
 
@@ -32,7 +32,9 @@ class CellCache:
         try:
             row = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(row, dict) and row.get("status") in ("ok", "failed") and isinstance(row.get("metrics"), dict):
-                return row
+                if code_unchanged(row.get("code")):
+                    return row
+                return None  # code it ran has changed since (or a row from before code was recorded): run again
             problem = "not a result row"
         except (OSError, UnicodeDecodeError, ValueError) as e:
             problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
