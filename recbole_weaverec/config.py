@@ -19,6 +19,9 @@ from recbole_weaverec.registry import get_model_class
 
 # inside the package, so that a wheel (pip install ., not only -e) ships every default and the sample data
 PROPERTIES = Path(__file__).resolve().parent / "properties"
+# every properties file a config of this process looked for (found or not): a leaderboard cell records them, and is
+# recomputed when one changes or appears (leaderboard.fingerprint.loaded_code)
+DEFAULTS_READ = set()
 DEFAULT_DATA_PATH = Path(__file__).resolve().parent / "dataset"
 DEFAULT_DATASET = "toys-sample"
 MERGED_KEYS = ("eval_args",)  # dict-valued keys merged key by key instead of replaced
@@ -138,6 +141,7 @@ class WeaveConfig(Config):
             family = getattr(model_class, "config_family", None)  # a family's shared keys, below the model's own
             if family:
                 own.insert(1, PROPERTIES / "model" / "base" / f"{family}.yaml")
+        DEFAULTS_READ.update([*own, PROPERTIES / "dataset" / f"{dataset}.yaml"])  # the dataset's own, even absent
         for file in own:
             if file.is_file():
                 with open(file, encoding="utf-8") as f:

@@ -382,14 +382,7 @@ def test_cell_hash_covers_defaults_data_and_code(data, tmp_path, monkeypatch):
     before = _hashes(cfg)
     assert set(reads.values()) == {1} and sum("tiny.inter" in p for p in reads) == 1  # each file read once
     assert _hashes(board(data, tmp_path, config={"show_progress": True, "state": "ERROR"})) == before
-    # a default of the package, edited in a copy of properties/: every cell (any default may be any cell's)
-    shutil.copytree(fingerprint.PROPERTIES, tmp_path / "properties")
-    monkeypatch.setattr(fingerprint, "PROPERTIES", tmp_path / "properties")
-    assert _hashes(cfg) == before  # the same files elsewhere: the same key
-    ease = tmp_path / "properties" / "model" / "EASE.yaml"
-    ease.write_text(ease.read_text().replace("reg_weight: 250.0", "reg_weight: 25.0"))
-    edited = _hashes(cfg)
-    assert all(edited[k] != before[k] for k in before)
+    edited = before  # (defaults and code are checked beside the key: test_cells_are_recomputed_only_when_...)
     # one byte of a data file, with the same size and mtime: the cells of that dataset
     inter = data / "tiny" / "tiny.inter"
     raw, st = bytearray(inter.read_bytes()), inter.stat()
@@ -405,15 +398,36 @@ def test_cell_hash_covers_defaults_data_and_code(data, tmp_path, monkeypatch):
     assert fingerprint.versions().startswith(f"recbole_weaverec {__version__}; recbole ")
 
 
-def test_cells_are_recomputed_only_when_code_they_ran_changes(tmp_path, monkeypatch):
-    """A cell records the package files its process imported; editing one of them (and only those) recomputes it."""
+def test_cells_are_recomputed_only_when_code_they_ran_changes(tiny_data, tmp_path, monkeypatch):
+    """A cell records the package files its process imported and the defaults its config looked for; editing one of
+    them (and only those), or adding a default it looked for, recomputes it."""
+    from recbole_weaverec.quick_start import build_config
+
+    build_config("EASE", "tiny", config_dict={"data_path": str(tiny_data)})
+    loaded = fingerprint.loaded_code()
+    assert {"model/lae/ease.py", "quick_start.py", "properties/overall.yaml", "properties/model/EASE.yaml"} <= set(
+        loaded) and loaded["properties/dataset/tiny.yaml"] == "unreadable"  # looked for, absent
+    assert "properties/model/MergeRec.yaml" not in loaded and "leaderboard/report.py" not in loaded
     copy = tmp_path / "pkg"
-    shutil.copytree(fingerprint.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__", "dataset"))
-    code = {"model/lae/ease.py": fingerprint.file_digest(copy / "model/lae/ease.py"),
-            "quick_start.py": fingerprint.file_digest(copy / "quick_start.py")}
+    top = str(fingerprint.PACKAGE)  # the package without its bundled sample data and caches
+    shutil.copytree(fingerprint.PACKAGE, copy, ignore=lambda d, names: [
+        n for n in names if n == "__pycache__" or (d == top and n == "dataset")])
+    code = {k: loaded[k] for k in ("model/lae/ease.py", "quick_start.py", "properties/model/EASE.yaml",
+                                   "properties/dataset/tiny.yaml")}
     monkeypatch.setattr(fingerprint, "PACKAGE", copy)
     assert fingerprint.code_unchanged(code)
     (copy / "model/llm/llmrec.py").write_text("# edited\n", encoding="utf-8")  # not run by this cell
+    (copy / "properties/model/MergeRec.yaml").write_text("merge_lr: 1\n", encoding="utf-8")  # not read by it
+    assert fingerprint.code_unchanged(code)
+    (copy / "properties/dataset/tiny.yaml").write_text("x: 1\n", encoding="utf-8")  # a default it looked for
+    assert not fingerprint.code_unchanged(code)
+    (copy / "properties/dataset/tiny.yaml").unlink()
+    assert fingerprint.code_unchanged(code)
+    ease = copy / "properties/model/EASE.yaml"
+    original = ease.read_text()
+    ease.write_text(original.replace("reg_weight: 250.0", "reg_weight: 25.0"))
+    assert not fingerprint.code_unchanged(code)
+    ease.write_text(original)
     assert fingerprint.code_unchanged(code)
     (copy / "model/lae/ease.py").write_text("# edited\n", encoding="utf-8")
     assert not fingerprint.code_unchanged(code)

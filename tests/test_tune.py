@@ -222,3 +222,18 @@ def test_protocol_selection(data, tmp_path):
     assert {(c["model"], c["protocol"]) for c in runner.calls} == {("Pop", "uni29")}
     with pytest.raises(LeaderboardConfigError, match="--protocol 'uni5' is not a table of this board: full, uni29"):
         b.select(protocols=["uni5"])
+
+
+def test_search_starts_again_when_its_trials_ran_stale_code(data, tmp_path):
+    cfg = tuned_board(data, tmp_path)
+    Leaderboard(cfg, runner=ScoredRunner(random.Random(0))).run()
+    for path in (tmp_path / "out" / "cache" / "cells").glob("*.json"):  # as if ease.py had been edited since
+        row = json.loads(path.read_text())
+        row["code"] = {**row["code"], "model/lae/ease.py": "an older version"}
+        path.write_text(json.dumps(row))
+    again = ScoredRunner(random.Random(1))
+    b = Leaderboard(cfg, runner=again)
+    assert all(r["tuning"] == "to tune" for r in b.rows() if r["model"] == "EASE")
+    assert b.run() == 0
+    assert [c["seed"] for c in again.calls if c["model"] == "EASE"] == [1, 1, 1, 1, 2]  # a new search, then seed 2
+    assert {r["tuning"] for r in b.rows() if r["model"] == "EASE"} == {"tuned: 4 trials"}

@@ -1,8 +1,8 @@
-"""What a cell's result depends on beyond its own config dict: in its cache key (``grid.cell_hash``) the package's
-defaults (every properties YAML it ships), the package's and RecBole's versions and the contents of the dataset files
-the cell reads; and beside it, the package's source files the cell's process imported (``loaded_code``, stored in the
-row, checked by ``code_unchanged`` when the cell is looked up): editing a module recomputes the cells that ran it
-(an EASE cell never imports the LLM code, so editing that keeps it).
+"""What a cell's result depends on beyond its own config dict: in its cache key (``grid.cell_hash``) the package's and
+RecBole's versions and the contents of the dataset files the cell reads; beside it, the package's source files the
+cell's process imported and the properties YAMLs its configs looked for (``loaded_code``, stored in the row, checked
+by ``code_unchanged`` when the cell is looked up): editing a module or a default recomputes the cells that used it
+(an EASE cell never imports the LLM code nor reads MergeRec.yaml, so editing those keeps it).
 
 Contents are hashed (size and mtime alone miss an edit that keeps both), each file once per process and
 (path, size, mtime): a board of many cells reads each file once, in chunks (atomic files can be tens of MB).
@@ -12,7 +12,6 @@ import hashlib
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1]
-PROPERTIES = PACKAGE / "properties"
 # code that only presents or looks up finished cells (tables, charts, the cache, the command line): editing it must
 # not invalidate the board, or `--render` after a change to the report would find no cached cell
 PRESENTATION_ONLY = ("leaderboard/__init__.py", "leaderboard/__main__.py", "leaderboard/board.py",
@@ -45,26 +44,6 @@ def file_digest(path):
         return "unreadable"
 
 
-def _tree_digest(root, files):
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.relative_to(root).as_posix()}\0{file_digest(p)}\0".encode("utf-8"))
-    return h.hexdigest()
-
-
-def properties_files():
-    """Every default the package ships (properties/**/*.yaml: overall, model, model/base, dataset)."""
-    return sorted(p for p in PROPERTIES.rglob("*.yaml") if p.is_file())
-
-
-def defaults_digest():
-    """Hash of every properties YAML. All of them, not only those a cell loads: which ones a model loads (its family's
-    base file, RecBole's own for RecBole's models) is only known after importing the model, and building each cell's
-    real merged config (WeaveConfig: model import, data checks, device) would make --dry-run slow and fail for a
-    model not installed. Editing any default thus recomputes every cell: stale never, sometimes more than needed."""
-    return _tree_digest(PROPERTIES, properties_files())
-
-
 def versions():
     """The package's and RecBole's versions (part of every cell's key)."""
     from importlib import metadata
@@ -85,14 +64,20 @@ def _result_code(path):
 
 def loaded_code():
     """{package file: sha256} of every source file of the package this process has imported that can change a
-    cell's result; called at the end of a cell's own process, so it lists exactly what the run used."""
+    cell's result, and of every properties YAML its configs looked for ('unreadable': absent); called at the end of
+    a cell's own process, so it lists exactly what the run used."""
     import sys
+
+    from recbole_weaverec.config import DEFAULTS_READ
 
     out = {}
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
         if path and Path(path).resolve().is_relative_to(PACKAGE) and _result_code(path):
             out[Path(path).resolve().relative_to(PACKAGE).as_posix()] = file_digest(Path(path).resolve())
+    for path in DEFAULTS_READ:  # a file looked for and absent is recorded as such: adding it recomputes the cell
+        if Path(path).resolve().is_relative_to(PACKAGE):
+            out[Path(path).resolve().relative_to(PACKAGE).as_posix()] = file_digest(path)
     return dict(sorted(out.items()))
 
 

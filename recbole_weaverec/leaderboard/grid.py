@@ -4,21 +4,21 @@ import hashlib
 import json
 
 from recbole_weaverec.leaderboard.errors import _fail
-from recbole_weaverec.leaderboard.fingerprint import data_digest, defaults_digest, versions
+from recbole_weaverec.leaderboard.fingerprint import data_digest, versions
 
 NOT_HASHED = ("show_progress", "state")  # presentation only: toggling them keeps the cache
 
 
 def cell_hash(cell):
     """Hash of everything that defines a cell's result (presentation-only settings excluded): the board's settings
-    of the cell, the package's defaults and versions (``fingerprint``) and the contents of the dataset files it
-    reads. The code a cell ran is checked beside the key (``fingerprint.code_unchanged``)."""
+    of the cell, the package's and RecBole's versions (``fingerprint``) and the contents of the dataset files it
+    reads. The code and defaults a cell used are checked beside the key (``fingerprint.code_unchanged``)."""
     from recbole_weaverec.data.crossdomain import SAMPLE_SOURCES  # sources a cross-domain model takes unasked
 
     config = {k: v for k, v in cell["config"].items() if k not in NOT_HASHED}
     domains = [cell["dataset"], *cell["sources"], *SAMPLE_SOURCES.get(cell["dataset"], [])]
     key = {"model": cell["model"], "dataset": cell["dataset"], "sources": cell["sources"], "seed": cell["seed"],
-           "protocol": cell["protocol"], "config": config, "defaults": defaults_digest(), "versions": versions(),
+           "protocol": cell["protocol"], "config": config, "versions": versions(),
            "data": data_digest(cell["config"]["data_path"], domains)}
     blob = json.dumps(key, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]

@@ -3,6 +3,7 @@ trials are cells (the cell's config plus the drawn values) run by the board's ru
 ``cell_hash`` as every other cell. The study chooses by the validation score only; the chosen values are written to
 ``cache/tuned/<study>.json`` and every seed of the entry then runs with them. The tuned cell of the tuning seed is
 the chosen trial itself (same config, same hash), so it is not run twice."""
+import contextlib
 import hashlib
 import json
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 from recbole_weaverec.files import write_text
 from recbole_weaverec.leaderboard.fingerprint import PACKAGE, code_unchanged, file_digest
 from recbole_weaverec.leaderboard.grid import cell_hash
-from recbole_weaverec.tune.study import best, search
+from recbole_weaverec.tune.study import best, search, storage_url
 
 TUNING_CODE = ("tune/space.py", "tune/study.py", "leaderboard/tuning.py")  # decide which values are chosen
 
@@ -72,13 +73,20 @@ class Tuner:
         self.trials = trials
         self.seed = seed
         self.storage = storage or str(self.cache_dir / "tune.db")
+        self._memo = {}  # record path -> chosen(), for this process (rows() asks once per cell)
 
     def _record(self, base_cell, space):
         return self.cache_dir / "tuned" / f"{study_name(base_cell, space, self.seed)}.json"
 
     def chosen(self, base_cell, space):
-        """The chosen values of a finished search with at least this budget, or None."""
+        """The chosen values of a finished search with at least this budget whose chosen trial is still a valid
+        cell (the code and defaults it ran unchanged), or None."""
         path = self._record(base_cell, space)
+        if path not in self._memo:
+            self._memo[path] = self._read(path, base_cell, space)
+        return self._memo[path]
+
+    def _read(self, path, base_cell, space):
         if not path.is_file():
             return None
         try:
@@ -86,7 +94,27 @@ class Tuner:
         except (OSError, UnicodeDecodeError, ValueError):
             print(f"warning: tuning record {path} is unreadable; the search is continued", file=sys.stderr)
             return None
-        return record if record.get("trials", 0) >= min(self.trials, space.size() or self.trials) else None
+        if record.get("trials", 0) < min(self.trials, space.size() or self.trials):
+            return None
+        if record.get("params") is not None and self.cells.get(with_params(base_cell, record["params"])) is None:
+            return None  # the trials ran code or defaults that have changed since: the search starts again
+        return record
+
+    def _stale(self, base_cell, space):
+        """A record whose chosen trial is no longer a valid cell: its study's scores are stale; drop both."""
+        import optuna
+
+        path = self._record(base_cell, space)
+        if path.is_file() and self.chosen(base_cell, space) is None:
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError):
+                record = {}
+            if record.get("params") is not None and record.get("trials", 0) >= min(self.trials, space.size() or
+                                                                                    self.trials):
+                with contextlib.suppress(KeyError):
+                    optuna.delete_study(study_name=record["study"], storage=storage_url(self.storage))
+                path.unlink()
 
     def tune(self, base_cell, space, log=None):
         """Run (or continue) the search for this cell's entry; returns its record (params, trials, valid score)."""
@@ -104,6 +132,7 @@ class Tuner:
             # the trial keeps where its cell is and whether it ran; never its test metrics
             return score, {"hash": cell["hash"], "status": row["status"], "error": row.get("error", "")}
 
+        self._stale(base_cell, space)
         name = study_name(base_cell, space, self.seed)
         study, budget = search(space, evaluate, trials=self.trials, storage=self.storage, study_name=name,
                                seed=self.seed, maximize=base_cell["config"].get("valid_metric_bigger", True))
@@ -116,6 +145,7 @@ class Tuner:
                       "valid_score": top.value, "trial_hash": top.user_attrs.get("hash"),
                       "space": space.describe()}
         write_text(self._record(base_cell, space), json.dumps(record, indent=1))
+        self._memo.clear()
         return record
 
 
