@@ -154,7 +154,7 @@ def test_learned_merge_trains_only_lambda_and_folded_equals_patched(data, llm_fo
     model, valid, _ = build(data, llm_folder, weave_merge="learned", weave_learn_steps=4, weave_learn_users=3,
                             weave_learn_lr=0.5, adapter_paths={"toys": f0, "toys~beauty": f1})
     base = {k: v.clone() for k, v in model.llm.state_dict().items()}
-    deltas = [merging.lora_deltas(f) for f in (f0, f1)]
+    deltas = [merging.lora_deltas(f, lazy=True) for f in (f0, f1)]  # factors: the learned merge is in factor form
     users = model.validation_users(valid, 3)
     assert len(users) == 3 and all(len(c) == 30 for _, c, _ in users)  # history + its uni29 candidates, no labels
     merged = model.learn_merge(deltas, FakeTrainer(tmp_path / "ckpt", valid))
@@ -184,7 +184,7 @@ def test_learned_merge_lowers_the_candidate_entropy(data, llm_folder, tokenizer,
     f1 = handmade(tokenizer, tmp_path / "t1", 0.1, -0.3, base=llm_folder)
     model, valid, _ = build(data, llm_folder, weave_merge="learned", weave_learn_users=1,
                             adapter_paths={"toys": f0, "toys~beauty": f1})
-    deltas = [merging.lora_deltas(f) for f in (f0, f1)]
+    deltas = [merging.lora_deltas(f, lazy=True) for f in (f0, f1)]  # factors: the learned merge is in factor form
     (user,) = model.validation_users(valid, 1)
 
     def entropy(merged):

@@ -24,7 +24,7 @@ from recbole_weaverec.model.llm.backbone import load_backbone
 from recbole_weaverec.model.llm.prompts import PromptBuilder
 from recbole_weaverec.model.llm.scoring import score_candidates
 from recbole_weaverec.model.llm.trainer import LLMTrainer
-from recbole_weaverec.model.llm.training import LoraSettings
+from recbole_weaverec.model.llm.training import LoraSettings, training_key
 from recbole_weaverec.model.llm.samples import domain_data
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -47,6 +47,7 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
             check_int(config, key, low=1)
         check_int(config, "max_train_samples", low=1, allow_none=True)
         check_int(config, "train_tokens_per_pass", low=1, allow_none=True)
+        check_int(config, "max_prompt_tokens", low=1, allow_none=True)
         check_int(config, "train_length_buckets", low=0, allow_none=True)
         check_bool(config, "gradient_checkpointing")
         check_int(config, "num_prompt_candidates", low=1)
@@ -85,7 +86,7 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
             config["llm_path"], self.device, DTYPES[config["llm_dtype"]], config["llm_cache_dir"])
         self.llm.requires_grad_(False)
         self.builder = PromptBuilder(self.tokenizer, config["max_history"], config["max_title_tokens"],
-                                     config["prompt_candidates"])
+                                     config["prompt_candidates"], config["max_prompt_tokens"])
         self.settings = LoraSettings.from_config(config)
         self.target = domain_data(config["dataset"], dataset, dataset, config["title_field"],
                                   config["title_fallback_field"])
@@ -117,6 +118,19 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
     def adapter_name(self):
         return self.target.name
 
+    def _num_candidates(self):
+        return self.config["num_prompt_candidates"] if self.config["prompt_candidates"] else 0
+
+    def domain_key(self, name):
+        """Training key of ``name``'s own adapter (``max_train_samples`` prefixes of that domain alone). LLMRec
+        saves it with the adapter it trains and LLMMerge/WeaveRec look for it, so they reuse each other's."""
+        return training_key(self.base_name, {name: self.config["max_train_samples"]}, self.settings, self.builder,
+                            self._num_candidates())
+
+    def adapter_key(self):
+        """Training key saved with the adapter this model trains (``finish``)."""
+        return self.domain_key(self.target.name)
+
     def finish(self, trainer):
         """Before the final evaluation: save the trained adapter as a peft folder, then fold it into the base."""
         from peft import PeftModel
@@ -127,7 +141,8 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
             from recbole_weaverec.model.llm.training import adapter_meta, save_adapter
 
             folder = Path(self.adapter_root) / self.adapter_name()
-            save_adapter(self.llm, folder, adapter_meta(self.llm, self.training_samples(), self.settings))
+            save_adapter(self.llm, folder, adapter_meta(self.llm, self.training_samples(), self.settings,
+                                                        key=self.adapter_key()))
             trainer.logger.info(f"adapter saved: {folder}")
         self.fold()
 

@@ -6,6 +6,7 @@ titles. Evaluation is on the target only.
 from recbole_weaverec.data.crossdomain import domain_list
 from recbole_weaverec.model.llm.llmrec import LLMRec
 from recbole_weaverec.model.llm.samples import build_samples, load_source, mix_samples
+from recbole_weaverec.model.llm.training import training_key
 
 
 class LLMJoint(LLMRec):
@@ -17,11 +18,11 @@ class LLMJoint(LLMRec):
         domain_list(config, "source_domains", required=True)
 
     def build_training_samples(self):
-        lists = [build_samples(self.target, self.config["max_train_samples"], self._train_candidates(),
+        lists = [build_samples(self.target, self.config["max_train_samples"], self._num_candidates(),
                                self.config["seed"])]
         for name in domain_list(self.config, "source_domains", required=True):
             source = self.domains[name] = load_source(self.config, name)
-            lists.append(build_samples(source, self.config["max_train_samples"], self._train_candidates(),
+            lists.append(build_samples(source, self.config["max_train_samples"], self._num_candidates(),
                                        self.config["seed"]))
         return mix_samples(lists, self.config["seed"])
 
@@ -31,3 +32,8 @@ class LLMJoint(LLMRec):
 
     def adapter_name(self):  # the folder name of the joint adapter (and its adapter_paths key)
         return "+".join([self.target.name, *domain_list(self.config, "source_domains", required=True)])
+
+    def adapter_key(self):  # every domain's max_train_samples, shuffled together
+        names = [self.target.name, *domain_list(self.config, "source_domains", required=True)]
+        return training_key(self.base_name, dict.fromkeys(names, self.config["max_train_samples"]), self.settings,
+                            self.builder, self._num_candidates())

@@ -3,15 +3,18 @@ further training ("model merging" baseline), folded into the base weights and ev
 
 Merging is at the ΔW = (α/r)·B·A level with peft's merge rules (``recbole_weaverec.merging``): ``average``,
 ``weights`` (given w_i), ``task_arithmetic`` (Σ λ·ΔW_i), ``ties`` (trim to ``merge_density``, elect signs, disjoint
-mean). Already-trained per-domain adapters are reused from ``adapter_paths`` (domain -> folder) or ``adapter_dir``.
+mean). Each merged ΔW is computed from the adapters' LoRA factors and folded one adapted weight at a time on the
+model's device (``merging.streaming``), so the merge needs one layer's ΔW of memory, not the model's. Already-trained
+per-domain adapters are reused from ``adapter_paths`` (domain -> folder) or ``adapter_dir``.
 """
 from recbole_weaverec import merging
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.crossdomain import domain_list
 from recbole_weaverec.checks import check_choice, check_number
+from recbole_weaverec.merging.streaming import MergedDeltas, fold_merged
 from recbole_weaverec.model.llm.base import LLMRecommender
 from recbole_weaverec.compat import release_memory
-from recbole_weaverec.model.llm.training import adapter_ready, check_adapter_base, ensure_adapter, training_key
+from recbole_weaverec.model.llm.training import adapter_ready, check_adapter_base, ensure_adapter
 from recbole_weaverec.model.llm.samples import build_samples, check_trainable, load_source
 
 METHODS = ("average", "weights", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -64,13 +67,6 @@ class LLMMerge(LLMRecommender):
         self.adapter_folders = {}
         self._loaded = {}  # source name -> DomainData, loaded by load_sources before the first module trains
 
-    def domain_key(self, name):
-        n = self.config["max_train_samples"]
-        return training_key(self.base_name, {name: n}, self.settings, self.builder, self._num_candidates())
-
-    def _num_candidates(self):
-        return self.config["num_prompt_candidates"] if self.config["prompt_candidates"] else 0
-
     def domain_adapter(self, name, trainer):
         """The folder of ``name``'s own adapter: given in adapter_paths, found in adapter_dir, or trained now."""
         if name in self.adapter_paths:
@@ -109,10 +105,11 @@ class LLMMerge(LLMRecommender):
         folders = [self.domain_adapter(name, trainer) for name in names]
         self.adapter_folders = dict(zip(names, folders))
         merging.check_same_base(folders, self.base_name)
-        deltas = [merging.lora_deltas(f, base_model=self.llm, lazy=True) for f in folders]  # no K dense copies
-        merged = merging.merge_deltas(deltas, merge_weights(self.config, len(folders)), self.config["merge_method"],
-                                      density=self.config["merge_density"], names=names, seed=self.config["seed"])
-        merging.fold_deltas(self.llm, merged)
+        deltas = [merging.lora_deltas(f, base_model=self.llm, lazy=True) for f in folders]  # factors only
+        # merged and folded one adapted weight at a time on the model's device: never every ΔW of the model at once
+        merged = MergedDeltas(deltas, merge_weights(self.config, len(folders)), self.config["merge_method"],
+                              density=self.config["merge_density"], names=names, seed=self.config["seed"])
+        fold_merged(self.llm, merged)
         self.folded = True
         release_memory()  # the modules' factors and the merge's temporaries, before scoring starts
         trainer.logger.info(f"merged {len(folders)} adapters ({self.config['merge_method']}) into the base weights: "

@@ -16,11 +16,8 @@ class LLMRec(LLMRecommender):
             self.llm = add_lora(self.llm, self.settings)
 
     def build_training_samples(self):
-        return build_samples(self.target, self.config["max_train_samples"], self._train_candidates(),
+        return build_samples(self.target, self.config["max_train_samples"], self._num_candidates(),
                              self.config["seed"])
-
-    def _train_candidates(self):
-        return self.config["num_prompt_candidates"] if self.config["prompt_candidates"] else 0
 
     def training_samples(self):
         return self.samples

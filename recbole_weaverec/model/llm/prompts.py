@@ -5,18 +5,28 @@ Format (the reference's task, our wording): a system turn, then a user turn list
 ``prompt_candidates`` is on, the candidate titles; the assistant's answer is the next item's title followed by the
 template's end-of-turn marker. Only the answer tokens carry the loss, and a candidate's score is the log-likelihood of
 that same answer, so training and scoring see identical token sequences.
+
+``max_prompt_tokens`` caps the prompt (the tokens before the answer), in training and scoring alike: an over-long
+prompt drops its oldest history items, whole, until it fits; the candidate list and the answer are never cut.
+
+Evaluation here is not the reference's: a candidate's score is the length-normalised log-likelihood of its answer
+(``scoring.py``) and RecBole ranks the 30 candidates by it, while the reference (WeaveRec's public code) generates an
+answer greedily and exact-matches it against the candidate titles. Numbers put beside the paper's must say so.
 """
+from recbole_weaverec.errors import ConfigError
+
 SYSTEM_PROMPT = "You are a helpful assistant that recommends products to the users of an online shop."
 SEPARATOR = " || "
 IGNORE_INDEX = -100  # label of tokens without loss (transformers' convention)
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer, max_history=5, max_title_tokens=12, prompt_candidates=True):
+    def __init__(self, tokenizer, max_history=5, max_title_tokens=12, prompt_candidates=True, max_prompt_tokens=None):
         self.tokenizer = tokenizer
         self.max_history = int(max_history)
         self.max_title_tokens = int(max_title_tokens)
         self.prompt_candidates = bool(prompt_candidates)
+        self.max_prompt_tokens = None if max_prompt_tokens is None else int(max_prompt_tokens)
         self._titles = {}  # raw title -> truncated title
         self._answers = {}  # truncated title -> answer token ids
         self.end_of_turn = self._end_of_turn()
@@ -67,7 +77,36 @@ class PromptBuilder:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt_ids(self, history_titles, candidate_titles=None):
-        return self.encode(self.prompt_text(history_titles, candidate_titles))
+        """Token ids of the prompt, within ``max_prompt_tokens`` when set: the longest run of the newest history
+        items that fits is kept (oldest items dropped whole); the candidates are never cut."""
+        history = list(history_titles)[-self.max_history:] if self.max_history else []
+        ids = self.encode(self.prompt_text(history, candidate_titles))
+        cap = self.max_prompt_tokens
+        if cap is None or len(ids) <= cap:
+            return ids
+
+        def without(k):  # the prompt with the k oldest items dropped
+            return self.encode(self.prompt_text(history[k:], candidate_titles))
+
+        # tokens are nearly additive: jump past as many oldest items as cover the excess, then step to the exact k
+        excess, k = len(ids) - cap, 0
+        while k < len(history) and excess > 0:
+            excess -= len(self.encode(self.truncate(history[k]) + SEPARATOR))
+            k += 1
+        ids = without(k)
+        while len(ids) > cap:
+            if k >= len(history):
+                raise ConfigError(f"max_prompt_tokens={cap} is too small: the prompt takes {len(ids)} tokens with no "
+                                  f"history item left (the candidate list is never cut); raise max_prompt_tokens or "
+                                  f"lower max_title_tokens / num_prompt_candidates")
+            k += 1
+            ids = without(k)
+        while k > 1:  # one item fewer dropped may still fit (tokenisation is not exactly additive)
+            longer = without(k - 1)
+            if len(longer) > cap:
+                break
+            k, ids = k - 1, longer
+        return ids
 
     def answer_ids(self, title):
         """Token ids of the answer ``title`` + end-of-turn (tokenised apart from the prompt, as in scoring)."""

@@ -7,6 +7,9 @@ earlier tokens of its own answer only. So the cache is never copied per candidat
 cache 30 times per user) and each chunk costs one forward over its answer tokens. The chunk's keys and values are
 cropped off the cache again before the next chunk. Log-probabilities are taken as logit - logsumexp, gathered only for
 the answer tokens, so no second vocabulary-wide tensor is made.
+
+This ranks all candidates by likelihood; the reference (WeaveRec's public code) instead generates one answer greedily
+and exact-matches it against the candidate titles (see ``prompts.py``), so its numbers are not directly comparable.
 """
 import inspect
 from functools import lru_cache

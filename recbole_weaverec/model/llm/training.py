@@ -317,9 +317,12 @@ def training_key(base, domain_sizes, settings, builder, num_candidates):
     """What determines an adapter's training: equal keys -> an adapter folder can be reused as is."""
     s = asdict(settings)
     s.pop("extra", None)
+    prompt = {"max_history": builder.max_history, "max_title_tokens": builder.max_title_tokens,
+              "prompt_candidates": builder.prompt_candidates}
+    if builder.max_prompt_tokens is not None:  # only when set: keys of adapters trained without a cap stay valid
+        prompt["max_prompt_tokens"] = builder.max_prompt_tokens
     return {"base_model": base, "domains": domain_sizes, "settings": s, "num_candidates": int(num_candidates),
-            "prompt": {"max_history": builder.max_history, "max_title_tokens": builder.max_title_tokens,
-                       "prompt_candidates": builder.prompt_candidates}}
+            "prompt": prompt}
 
 
 def adapter_ready(folder, key):
@@ -359,6 +362,9 @@ def ensure_adapter(base, folder, make_samples, builder, domains, settings, key, 
             if logger is not None:
                 logger.info(f"reusing adapter {folder} (same training settings)")
             return folder
+        if saved is None:  # e.g. written by LLMRec before it recorded its training key
+            raise AdapterMismatchError(f"{folder} holds an adapter saved without its training settings: pass it "
+                                       f"through adapter_paths to use it as it is, or remove it")
         raise AdapterMismatchError(f"{folder} holds an adapter trained with other settings ({saved} vs {key}); "
                                    f"remove it or choose another adapter_dir")
     samples, extra_domains = make_samples()

@@ -13,12 +13,14 @@ Merge at the ΔW = (α/r)·B·A level (so ranks may differ), per adapted module:
 
 * ``weave_merge: average``: w_i = 1/(N+1) (the reference's released setting, λ = 1 for all);
 * ``weave_merge: weights``: w = ``weave_weights`` (θ0 first, then one per source);
-* ``weave_merge: learned``: w = softmax(λ/T) with one λ row per adapted module (``merging.LearnedDeltaMerge``,
-  init λ = 1, i.e. the average), fitted AdaMerging-style on unlabeled target validation prompts: the validation
-  users' histories and their 30 candidates (never which one is the answer) -> minimise the entropy of the merged
-  model's distribution over the candidates; only λ trains.
+* ``weave_merge: learned``: w = softmax(λ/T) with one λ row per adapted module (``merging.streaming.FactorMerge``:
+  the coefficients multiply each module's B·A on the fly, no stacked ΔW; init λ = 1, i.e. the average), fitted
+  AdaMerging-style on unlabeled target validation prompts: the validation users' histories and their 30 candidates
+  (never which one is the answer) -> minimise the entropy of the merged model's distribution over the candidates;
+  only λ trains.
 
-The merged ΔW is folded into the base weights (``merging.fold_deltas``): the evaluated model is a plain model with
+The merged ΔW is folded into the base weights one adapted weight at a time, on the model's device
+(``merging.streaming.fold_merged``; never every ΔW of the model at once): the evaluated model is a plain model with
 the base model's parameter count. With ``weave_compare_target_only`` the final evaluation also scores θ0 alone
 (folded the same way) on the same users and candidates and logs both side by side (``target_only_test_result`` in
 the run's result dict).
@@ -40,6 +42,7 @@ from recbole_weaverec import merging
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.crossdomain import domain_list, with_sample_sources
 from recbole_weaverec.checks import check_bool, check_choice, check_int, check_number
+from recbole_weaverec.merging.streaming import FactorMerge, MergedDeltas, fold_merged
 from recbole_weaverec.model.llm.llmmerge import LLMMerge
 from recbole_weaverec.model.llm.scoring import score_candidates
 from recbole_weaverec.model.llm.trainer import LLMTrainer
@@ -180,8 +183,8 @@ class WeaveRec(LLMMerge):
                   [self.hybrid_adapter(s, trainer) for s in self.sources]
         self.adapter_folders = dict(zip(self.module_names, folders))
         merging.check_same_base(folders, self.base_name)
-        # each module's ΔW is computed from its LoRA factors when it is read: K dense copies of every adapted
-        # weight (0.43 GB each for SmolLM2-135M) are never held
+        # each module's ΔW is computed from its LoRA factors when it is read, one adapted weight at a time: K dense
+        # copies of every adapted weight (0.43 GB each for SmolLM2-135M, 26 GB in fp32 for a 7B model) are never held
         deltas = [merging.lora_deltas(f, base_model=self.llm, lazy=True) for f in folders]
         merging.check_compatible(deltas, self.module_names)  # other target modules -> refused, naming both
         method = self.config["weave_merge"]
@@ -189,12 +192,12 @@ class WeaveRec(LLMMerge):
             merged = self.learn_merge(deltas, trainer)
         else:
             weights = None if method == "average" else [float(w) for w in self.config["weave_weights"]]
-            merged = merging.WeightedDeltas(deltas, weights, names=self.module_names)
+            merged = MergedDeltas(deltas, weights, "average" if weights is None else "weights", names=self.module_names)
             self.merge_weights = [1.0 / len(deltas)] * len(deltas) if weights is None else weights
         if self.config["weave_compare_target_only"]:
             self._deltas = (deltas[0], merged)
             self._base_weights = {k: self.llm.get_submodule(k).weight.detach().to("cpu", copy=True) for k in merged}
-        merging.fold_deltas(self.llm, merged)
+        fold_merged(self.llm, merged)
         self.folded = True
         release_memory()  # the modules' factors and the merge's temporaries, before scoring starts
         trainer.logger.info(
@@ -238,23 +241,22 @@ class WeaveRec(LLMMerge):
         users = self.validation_users(valid, self.config["weave_learn_users"])
         if not users:
             raise ConfigError("weave_merge=learned found no validation users to fit λ on")
-        # the stacked ΔW are kept in the model's dtype (bf16 on CUDA: K full-size deltas of a 7B model in fp32 would
-        # not fit next to it); λ and the softmax stay fp32
-        dtype = next(self.llm.parameters()).dtype
-        merge = merging.LearnedDeltaMerge(deltas, self.module_names, init=1.0, dtype=dtype,
-                                          temperature=self.config["weave_temperature"]).to(self.device)
+        # factor form: the modules' LoRA factors (not K stacked dense ΔW: K x 13 GB for a 7B model) move to the
+        # device, and each Linear layer adds Σ_i w_i·(x·A_iᵀ)·B_iᵀ to its output while λ is fitted
+        merge = FactorMerge(deltas, self.module_names, init=1.0,
+                            temperature=self.config["weave_temperature"]).to(self.device)
         optimizer = torch.optim.Adam(merge.parameters(), lr=self.config["weave_learn_lr"])
         rng = np.random.default_rng([int(self.config["seed"]), 23])
         order, losses = [], []
         self.llm.eval()  # no dropout: the objective is the deployed model's
-        with merging.patched(self.llm, merge):
+        with merge.applied(self.llm):
             steps = range(self.config["weave_learn_steps"])
             for step in tqdm(steps, desc="fitting WeaveRec merge weights", unit="step",
                              disable=not self.show_progress):
                 if not order:
                     order = list(rng.permutation(len(users)))
                 history, candidates, seed = users[order.pop()]
-                with parametrize.cached():  # each merged ΔW computed once per step (prompt + answer passes)
+                with parametrize.cached():  # a non-Linear layer's dense ΔW: once per step, not per pass
                     loss = self.candidate_entropy(history, candidates, seed)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -263,11 +265,11 @@ class WeaveRec(LLMMerge):
         with torch.no_grad():
             w = merge.weights().detach().float().cpu()
             # the learned rows (one per module), applied lazily like the fixed-weight merges
-            merged = merging.WeightedDeltas(deltas, merge.key_weights(), names=self.module_names)
+            merged = MergedDeltas(deltas, merge.key_weights(), "weights", names=self.module_names)
             self.merge_weights = w.mean(0).tolist()
             self.merge_weight_range = list(zip(w.min(0).values.tolist(), w.max(0).values.tolist()))
             self.learned_lambda = merge.lam.detach().cpu()
-        del merge  # its stacked ΔW buffers
+        del merge  # its device copies of the factors
         n = len(losses)
         head, tail = np.mean(losses[:max(1, n // 4)]), np.mean(losses[-max(1, n // 4):])
         self.learn_entropy = (float(head), float(tail))
@@ -322,7 +324,7 @@ class WeaveRec(LLMMerge):
             with torch.no_grad():
                 for key, w0 in self._base_weights.items():
                     self.llm.get_submodule(key).weight.copy_(w0)
-            merging.fold_deltas(self.llm, deltas)
+            fold_merged(self.llm, deltas)
 
         refold(deltas())
         try:
