@@ -298,7 +298,7 @@ def write_quality(args, results, work):
   on all linear layers, the YAML's CPU defaults ({d['epochs']} epoch(s), batch {d['train_batch_size']},
   lr {d['learning_rate']}, max_history {d['max_history']}, titles ≤ {d['max_title_tokens']} tokens,
   {d['num_prompt_candidates']} candidates in the prompt),
-  **{args.train_samples} training prompts per domain** (paper: 30,000 and 2 epochs on Qwen2-7B).
+  **{args.train_samples} training prompts per domain** (the reference: Qwen2-7B, 2 epochs, on other data: one validation-item prompt per user + 30,000 earlier prefixes per domain).
   The per-domain adapters are trained once (in the first LLMMerge run, `adapter_dir`) and reused by the other
   LLMMerge rows; "LLMRec" evaluates that target-only adapter (`adapter_paths`). LLMJoint trains one adapter on
   {args.train_samples} + {args.train_samples} shuffled prompts.

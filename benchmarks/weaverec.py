@@ -192,8 +192,9 @@ class Bench:
         if out:
             out.append(f"- With {self.args.users} test users one hit moves Hit@5 by {1 / self.args.users:.3f}: "
                        f"differences of this size are noise at this scale, not evidence either way. The paper's "
-                       f"claim (hybrids beat target-only) is about 7B models trained on 30k prompts per domain "
-                       f"(configs/weaverec_paper_gpu.yaml), which this CPU cannot reproduce.")
+                       f"claim (hybrids beat target-only) is about 7B models trained on the reference's data "
+                       f"(a validation-item prompt per user + 30k earlier prefixes per domain; our GPU recipe: "
+                       f"configs/weaverec_paper_gpu.yaml), which this CPU cannot reproduce.")
         return "\n".join(out)
 
     # --- runs ----------------------------------------------------------------------------------------------------

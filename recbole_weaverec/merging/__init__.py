@@ -13,7 +13,8 @@ one-line errors, folding deltas into a plain model, merges whose coefficients ar
 coefficients, the trim/sign masks computed once), and layer grouping for layer-wise coefficients.
 
 Layout (imports only downward): ``rules`` (pure merge arithmetic) <- ``apply`` (folding into / patching a model)
-<- ``adapters`` (peft adapter files). Everything is re-exported here.
+<- ``adapters`` (peft adapter files), all re-exported here; ``streaming`` (merge and fold one layer at a time, the
+learned merge in factor form: what LLMMerge and WeaveRec use) is imported from its own module.
 """
 from recbole_weaverec.errors import (AdapterFileError, AdapterMismatchError, AdapterNotFoundError,
                                      MergeError, UnsupportedAdapterError)

@@ -1,0 +1,80 @@
+"""Issue 18.5: what tuning changes, read from a board's cache (nothing is run). Per protocol and dataset: every tuned
+entry's chosen values, validation score, test headline metric with its 95% interval, and paired bootstrap
+differences over users (same users and candidates in every cell of a table): each pair given by --pair A:B.
+
+    python benchmarks/tuned_pairs.py --config leaderboards/amazon.yaml --protocol full --pair L3AE:EASE \
+        --pair RDLAE:EASE --pair EASE:Pop --write
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from benchmarks.results import write_section  # noqa: E402
+from recbole_weaverec.leaderboard import Leaderboard  # noqa: E402
+from recbole_weaverec.leaderboard.config import load_config  # noqa: E402
+from recbole_weaverec.leaderboard.significance import group_rows, interval, seed_average  # noqa: E402
+from recbole_weaverec.stats import paired_difference, verdict  # noqa: E402
+
+
+def _values(params):
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (params or {}).items())
+
+
+def report(cfg, protocol, pairs):
+    board = Leaderboard(cfg)
+    rows = [r for r in board.rows() if r["protocol"] == protocol]
+    head = (cfg["protocols"][protocol]["headline"] or "NDCG@10").lower()
+    groups = group_rows(rows)
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    labels = list(dict.fromkeys(r["label"] for r in rows if r["status"] == "ok"))
+    lines = [f"Protocol `{protocol}`, test {head} (mean ± 95% t interval over users; every cell of a table scores "
+             f"the same users). Values chosen on validation (`tuning.trials` = {cfg['tuning']['trials']}).", "",
+             "| dataset | model | tuning | chosen | valid score | test " + head + " | time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    data = {}
+    for d in datasets:
+        for label in labels:
+            g = groups.get((protocol, d, label, "-"))
+            if not g or g[0]["status"] != "ok":
+                continue
+            values, _ = seed_average(g, head)
+            data[(d, label)] = values
+            ci = interval(values) if values is not None else None
+            shown = f"{ci['mean']:.4f} ± {ci['half']:.4f}" if ci else f"{g[0]['metrics'].get(head, float('nan')):.4f}"
+            lines.append(f"| {d} | {label} | {g[0]['tuning']} | {_values(g[0]['tuned_params']) or '-'} | "
+                         f"{float(g[0]['valid_score']):.4f} | {shown} | {float(g[0]['wall_s']):.0f} |")
+    lines += ["", "Paired differences over users (bootstrap, 10,000 resamples; 'no difference' when the interval "
+              "holds 0):", "", "| dataset | difference | mean [95% CI] | relative | verdict |", "|---|---|---|---|---|"]
+    for d in datasets:
+        for a, b in pairs:
+            x, y = data.get((d, a)), data.get((d, b))
+            if x is None or y is None or x["users"] != y["users"]:
+                continue
+            diff = paired_difference(x["values"], y["values"])
+            rel = diff["mean"] / float(y["values"].mean()) if y["values"].mean() else float("nan")
+            lines.append(f"| {d} | {a} − {b} | {diff['mean']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}] | "
+                         f"{rel:+.1%} | {verdict(diff)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--protocol", default="full")
+    p.add_argument("--pair", action="append", default=[], help="A:B, two labels of the board")
+    p.add_argument("--write", action="store_true", help="write the section of benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    pairs = [tuple(x.split(":", 1)) for x in args.pair]
+    body = report(cfg, args.protocol, pairs)
+    print(body)
+    if args.write:
+        write_section(f"Tuned closed forms ({Path(args.config).stem}, {args.protocol})", body)
+
+
+if __name__ == "__main__":
+    main()
