@@ -78,7 +78,14 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--steps", type=int, default=200, help="coefficient-learning steps (paper: 500)")
     p.add_argument("--max-user-tokens", type=int, default=64)
-    p.add_argument("--max-item-tokens", type=int, default=24)
+    p.add_argument("--max-item-tokens", type=int, default=None, help="cut of the whole item text (the old cut: 24)")
+    p.add_argument("--max-attribute-tokens", type=int, default=32, help="tokens per attribute value (official: 32)")
+    p.add_argument("--pooling", choices=["cls", "mean"], default=None, help="default: mean for the embedded MiniLM")
+    p.add_argument("--accumulation", type=int, default=1, help="gradient_accumulation_steps (official batch 256)")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="then linear decay to 0 (official: 100 steps)")
+    p.add_argument("--stopping-step", type=int, default=3, help="early stopping on valid NDCG@10 (with --epochs > 1)")
+    p.add_argument("--layer-groups", choices=["others", "modules"], default="others",
+                   help="layer-wise groups: each layer + one 'others' (official) or one per other module")
     p.add_argument("--max-seq-items", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (paper: 5e-5, many more steps)")
     p.add_argument("--work", default="/tmp/mergerec_bench")
@@ -86,7 +93,6 @@ def main(argv=None):
     p.add_argument("--no-write", action="store_true", help="print only, do not touch RESULTS.md")
     args = p.parse_args(argv)
 
-    import torch
     from recbole.data import create_dataset
     from recbole.utils import init_logger
 
@@ -103,6 +109,9 @@ def main(argv=None):
     cfg = {"data_path": str(data), "merge_domains": DOMAINS, "merge_cache_dir": str(work / "models"),
            "epochs": args.epochs, "train_batch_size": 32, "learning_rate": args.lr, "max_user_tokens": args.max_user_tokens,
            "max_item_tokens": args.max_item_tokens, "max_seq_items": args.max_seq_items, "merge_steps": args.steps,
+           "max_attribute_tokens": args.max_attribute_tokens, "pooling": args.pooling,
+           "gradient_accumulation_steps": args.accumulation, "warmup_ratio": args.warmup_ratio,
+           "stopping_step": args.stopping_step, "merge_layer_groups": args.layer_groups,
            "show_progress": False, "state": "INFO", "seed": args.seed, "metrics": ["Recall", "NDCG"],
            "topk": [10], "valid_metric": "NDCG@10", "checkpoint_dir": str(work / "saved")}
 
@@ -178,10 +187,13 @@ def main(argv=None):
                 f"{s['delta_mb']:.0f} MB vs {mean_peak:.0f} MB (median of the domains' fine-tuning; {s['delta_mb'] / max(mean_peak, 1):.2f}×)"
                 for n, s in learn_stats.items())
         body = ("" if done else "**Partial: the run was still going when this was written.**\n\n") + f"""Scale: {args.users} random users per domain (whole sequences, seed {args.seed}; items = those they touched),
-    TextSeqRec on the embedded all-MiniLM-L6-v2 (22.7M parameters), item text ≤ {args.max_item_tokens} tokens, user text ≤
-    {args.max_user_tokens} tokens from the {args.max_seq_items} most recent items, {args.epochs} fine-tuning epoch(s) per domain
-    (AdamW {args.lr:g}, batch 32, in-batch softmax, temperature 0.05), {args.steps} coefficient-learning steps (paper: 500), batch 16,
-    Adam 1e-3, CE + 1000·KL at T=0.05. Full ranking over each slice's catalogue, test split, RecBole's evaluator.
+    TextSeqRec on the embedded all-MiniLM-L6-v2 (22.7M parameters, {args.pooling or 'mean'} pooling), each item attribute ≤
+    {args.max_attribute_tokens} tokens (whole item text ≤ {args.max_item_tokens or 'any'}), user text ≤ {args.max_user_tokens} tokens from
+    the {args.max_seq_items} most recent items, ≤ {args.epochs} fine-tuning epoch(s) per domain (AdamW {args.lr:g}, warmup
+    {args.warmup_ratio:g} then linear decay, batch 32 × {args.accumulation} accumulated, in-batch softmax, temperature 0.05,
+    early stopping on valid NDCG@10 after {args.stopping_step} evaluations without gain), {args.steps} coefficient-learning
+    steps (paper: 500), batch 16, Adam 1e-3, CE + 1000·KL at T=0.05, layer-wise groups: {args.layer_groups}. Full ranking
+    over each slice's catalogue (history items included, as officially), test split, RecBole's evaluator.
     Slices: {'; '.join(sizes)}. The paper's scale (full domains, RoBERTa-base encoders, 512-token users, GPU) is far
     beyond this shared 2-core CPU, so the numbers compare the methods with each other here, not with the paper.
 
@@ -209,7 +221,12 @@ def main(argv=None):
             write_section("MergeRec: merging per-domain text two-tower models", body)
 
     # Every finished row is stored (per slice size and step count), so an interrupted run resumes where it stopped.
-    store = work / f"results-{args.users}u-{args.steps}steps.json"
+    import hashlib
+
+    # ... and per settings: rows measured with other fine-tuning or merging settings are never mixed in
+    settings = {k: v for k, v in cfg.items() if k not in ("show_progress", "state", "checkpoint_dir")}
+    tag = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    store = work / f"results-{args.users}u-{args.steps}steps-{tag}.json"
     saved = json.loads(store.read_text()) if store.is_file() else {}
     results.update(saved.get("results", {}))
     coef_text.update(saved.get("coefficients", {}))

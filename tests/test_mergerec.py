@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.itemtext import MissingTextFieldError
@@ -27,7 +26,7 @@ def world(tmp_path_factory):
     data = root / "data"
     write_tiny_dataset(data, "ta", seed=0, n_items=25)
     write_tiny_dataset(data, "tb", seed=1, n_items=30)
-    encoder = make_tiny_encoder(root / "enc")
+    encoder = make_tiny_encoder(root / "enc", init_range=0.5)  # distinct item embeddings: the KD loss can move
     return {"root": root, "data": data, "encoder": encoder, "cache": root / "cache"}
 
 
@@ -135,11 +134,11 @@ def test_run_reports_every_domain_and_reuses_domain_models(world, run_dir, caplo
     caplog.set_level(logging.INFO)
     result = run("MergeRec", "tb", config_dict=cfg(world, state="INFO"))
     assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
-    if "domain_test_results" in result:  # quick_start passes a model's extra_results through
-        assert set(result["domain_test_results"]) == {"ta", "tb"}
-        assert result["domain_test_results"]["tb"] == result["test_result"]
-        avg = result["average_test_result"]["ndcg@10"]
-        assert avg == pytest.approx(sum(r["ndcg@10"] for r in result["domain_test_results"].values()) / 2)
+    assert set(result["domain_test_results"]) == {"ta", "tb"}  # quick_start passes a model's extra_results through
+    assert result["domain_test_results"]["tb"] == result["test_result"]
+    avg = result["average_test_result"]["ndcg@10"]
+    assert avg == pytest.approx(sum(r["ndcg@10"] for r in result["domain_test_results"].values()) / 2)
+    assert all(0.0 <= r["ndcg@10"] <= 1.0 for r in result["domain_test_results"].values())
     text = caplog.text
     assert "merged model on tb" in text and "merged model on ta" in text and "average over 2 domains" in text
     assert text.index("merged model on tb") < text.index("merged model on ta")  # --dataset shown first
@@ -151,6 +150,74 @@ def test_run_reports_every_domain_and_reuses_domain_models(world, run_dir, caplo
 def test_one_domain_is_refused(world, run_dir):
     with pytest.raises(ConfigError, match="merge_domains.*1 domain"):
         build_config("MergeRec", "ta", config_dict=cfg(world, merge_domains=["ta"]))
+    with pytest.raises(ConfigError, match="merge_layer_groups='layers' is not allowed: expected one of others, "
+                                          "modules"):
+        build_config("MergeRec", "ta", config_dict=cfg(world, merge_layer_groups="layers"))
+
+
+def test_teachers_top_item_for_a_pseudo_user_is_that_item(world, run_dir):
+    pipe = pipeline(world, merge_steps=1)
+    pipe.run()
+    learner = pipe.learner
+    for d, name in enumerate(pipe.domains):
+        n = pipe.domain(name)[0].n_items
+        items = torch.arange(1, n)
+        scores = learner.teacher_scores(d, items)  # what the KD loss uses
+        assert scores.shape == (n - 1, n - 1)
+        assert torch.equal(scores.argmax(dim=1), items - 1)  # column j is item j + 1
+        assert torch.allclose(scores.diagonal(), torch.ones(n - 1), atol=1e-5)  # cosine 1 with itself
+
+
+def test_distillation_loss_falls_on_a_fixed_batch(world, run_dir):
+    pipe = pipeline(world, merge_steps=1, merge_lr=0.02, merge_batch_size=16)
+    pipe.run()
+    learner = pipe.learner
+    batch = learner.next_batch()
+    start = learner.coefficients.detach().clone()
+    losses = [learner.step(batch) for _ in range(12)]
+    # CE ≈ log(n items) of it cannot go (cosine logits lie in [-1, 1]); the rest falls, step after step
+    assert losses[-1] < losses[0] - 0.02, losses
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 9, losses
+    assert not torch.allclose(learner.coefficients.detach(), start)
+
+
+def test_layer_wise_others_group_gets_a_gradient(world, run_dir):
+    pipe = pipeline(world, merge_steps=1, merge_granularity="layer")
+    pipe.run()
+    assert pipe.groups == ["others", "encoder.layer.0", "encoder.layer.1"]  # all non-layer parameters in one group
+    learner = pipe.learner
+    learner.optimizer.zero_grad()
+    learner.loss(*learner.next_batch()).backward()
+    assert (learner.coefficients.grad.abs() > 0).all()  # every domain × group, "others" included
+    pipe = pipeline(world, merge_steps=1, merge_granularity="layer", merge_layer_groups="modules")
+    pipe.run()
+    learner = pipe.learner
+    learner.optimizer.zero_grad()
+    learner.loss(*learner.next_batch()).backward()
+    pooler = pipe.groups.index("pooler.dense")
+    assert len(pipe.groups) > 3 and torch.equal(learner.coefficients.grad[:, pooler], torch.zeros(2))  # why: unused
+
+
+def test_domain_fine_tuning_stops_early_and_keeps_the_best_validation_epoch(world, run_dir, monkeypatch):
+    from recbole_weaverec.model.twotower import domains
+    from recbole_weaverec.model.twotower.trainer import TextSeqRecTrainer
+
+    scores, states = iter([0.1, 0.3, 0.2, 0.1, 0.9, 0.9]), []
+
+    def scripted(self, valid_data, show_progress=False):  # valid NDCG@10 per epoch, weights recorded
+        states.append({k: v.clone() for k, v in self.model.tower.encoder.state_dict().items()})
+        score = next(scores)
+        return score, {"ndcg@10": score}
+
+    monkeypatch.setattr(TextSeqRecTrainer, "_valid_epoch", scripted)
+    config = build_config("MergeRec", "ta", config_dict=cfg(world, epochs=6, stopping_step=1))
+    dconfig = domains.text_config(config)
+    assert dconfig["valid_metric"].lower() == "ndcg@10"
+    model = domains.finetune_domain(dconfig)
+    assert len(states) == 4  # best at epoch 1, then 2 evaluations without gain > stopping_step=1: stopped
+    got = model.tower.encoder.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in states[1].items())
+    assert not all(torch.equal(got[k], v) for k, v in states[3].items())
 
 
 def test_different_encoders_are_refused_with_both_names(world, run_dir, tmp_path):

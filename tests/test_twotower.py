@@ -12,8 +12,11 @@ from recbole_weaverec.textembed import default_encoder_path
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def make_tiny_encoder(folder, seed=0, vocab_size=None):
-    """A randomly initialised 2-layer BERT (hidden 32) saved as an HF folder, with MiniLM's real tokenizer."""
+def make_tiny_encoder(folder, seed=0, vocab_size=None, dropout=0.1, init_range=0.02):
+    """A randomly initialised 2-layer BERT (hidden 32) saved as an HF folder, with MiniLM's real tokenizer.
+
+    ``init_range``: BERT's default 0.02 gives near-identical CLS outputs for every text (cosine ~1 - 1e-6); a wider
+    range gives embeddings that differ, as a pretrained encoder's do."""
     from transformers import BertConfig, BertModel
 
     src = default_encoder_path()
@@ -22,7 +25,8 @@ def make_tiny_encoder(folder, seed=0, vocab_size=None):
         shutil.copy(f"{src}/{name}", folder / name)
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=vocab_size or 30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
+                     intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout, initializer_range=init_range)
     BertModel(cfg).save_pretrained(folder)
     return str(folder)
 
@@ -111,6 +115,17 @@ def test_bad_config_values(tiny_data, tiny_encoder, run_dir):
         build_config("TextSeqRec", "tiny", config_dict=fast(tiny_data, tiny_encoder, temperature=0))
     with pytest.raises(ConfigError, match="max_user_tokens"):
         build_config("TextSeqRec", "tiny", config_dict=fast(tiny_data, tiny_encoder, max_user_tokens=0))
+    bad = [({"pooling": "max"}, r"pooling='max' is not allowed: expected cls, mean or ~"),
+           ({"max_attribute_tokens": 0}, r"max_attribute_tokens=0 is out of range: expected an integer >= 1"),
+           ({"max_attribute_tokens": None, "max_item_tokens": None}, r"max_item_tokens=None and max_attribute_tokens"),
+           ({"lr_schedule": "cosine"}, r"lr_schedule='cosine' is not allowed: expected one of linear, constant"),
+           ({"warmup_ratio": 1.5}, r"warmup_ratio=1.5 is out of range: expected a number in \[0, 1\]"),
+           ({"warmup_steps": -1}, r"warmup_steps=-1 is out of range: expected an integer >= 0"),
+           ({"gradient_accumulation_steps": 0}, r"gradient_accumulation_steps=0 is out of range")]
+    for kw, message in bad:
+        with pytest.raises(ConfigError, match=message) as e:
+            build_config("TextSeqRec", "tiny", config_dict=fast(tiny_data, tiny_encoder, **kw))
+        assert len(str(e.value).splitlines()) == 1
 
 
 def test_items_without_text_fields_are_named(tmp_path, tiny_encoder, run_dir):
@@ -129,3 +144,124 @@ def test_items_without_text_fields_are_named(tmp_path, tiny_encoder, run_dir):
 def test_run_end_to_end(tiny_data, tiny_encoder, run_dir):
     result = run("TextSeqRec", "tiny", config_dict=fast(tiny_data, tiny_encoder))
     assert set(result["test_result"]) >= {"recall@10", "ndcg@10"}
+
+
+# ---- fidelity options (MergeRec authors' code): pooling, per-attribute cut, schedule, accumulation, evaluation ----
+def tiny_model(data, encoder, **kw):
+    config = build_config("TextSeqRec", "tiny", config_dict=fast(data, encoder, **kw))
+    dataset, train, valid, test = prepare(config)
+    return config, config.model_class(config, train._dataset), (train, valid, test)
+
+
+def test_pooling_cls_takes_position_0_and_differs_from_mean(tiny_data, tiny_encoder, run_dir):
+    import torch.nn.functional as F
+
+    from recbole_weaverec.model.twotower.encoder import default_pooling
+
+    assert default_pooling(default_encoder_path()) == "mean"  # the embedded MiniLM is a mean-pooling encoder
+    _, auto, _ = tiny_model(tiny_data, tiny_encoder)
+    assert auto.tower.pooling == "cls"  # a plain BERT folder: cls, as the official code
+    _, cls, _ = tiny_model(tiny_data, tiny_encoder, pooling="cls")
+    _, mean, _ = tiny_model(tiny_data, tiny_encoder, pooling="mean")
+    cls.eval()
+    mean.eval()
+    items = [1, 2, 3, 4]
+    with torch.no_grad():
+        a, b = cls.item_embeddings(items), mean.item_embeddings(items)
+        inputs = cls.tower.item_inputs(items)
+        batch = cls.tower.tokenizer.pad({"input_ids": inputs}, return_tensors="pt")
+        hidden = cls.tower.encoder(**batch).last_hidden_state
+    assert all(ids[0] == cls.tower.tokenizer.cls_token_id for ids in inputs)
+    assert torch.allclose(a, F.normalize(hidden[:, 0], dim=-1), atol=1e-6)
+    assert (a - b).norm(dim=-1).min() > 1e-2  # same weights, same inputs: the pooling alone differs
+
+
+def test_per_attribute_cut_keeps_brand_and_category_behind_a_long_title(tmp_path, tiny_encoder, run_dir):
+    from conftest import write_tiny_dataset
+
+    data = write_tiny_dataset(tmp_path / "d", name="tiny")
+    item_file = data / "tiny" / "tiny.item"
+    long_title = " ".join(["super"] * 40) + " widget"
+    item_file.write_text(item_file.read_text().replace("Widget number 0 deluxe", long_title), encoding="utf-8")
+
+    def text_of_i0(**kw):
+        _, model, (train, _, _) = tiny_model(data, tiny_encoder, **kw)
+        return model.tower.tokenizer.decode(model.tower.item_ids[train._dataset.token2id("item_id", "i0")])
+
+    per_attribute = text_of_i0(max_attribute_tokens=4, max_item_tokens=None)
+    assert per_attribute == "title : super super super super brand : brand0 category : toys games widgets"
+    whole = text_of_i0(max_attribute_tokens=None, max_item_tokens=12)  # the old cut of the joined text
+    assert whole.startswith("title : super") and "brand" not in whole and "category" not in whole
+
+
+def lr_trace(trainer):
+    seen = []
+    step = trainer._optimizer_step
+
+    def recording(scaler):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])  # the rate this update uses
+        step(scaler)
+
+    trainer._optimizer_step = recording
+    return seen
+
+
+def test_linear_schedule_warms_up_then_decays(tiny_data, tiny_encoder, run_dir):
+    from recbole_weaverec.model.twotower.trainer import TextSeqRecTrainer
+
+    config, model, (train, _, _) = tiny_model(tiny_data, tiny_encoder, epochs=2, warmup_ratio=0.3,
+                                              gradient_accumulation_steps=2)
+    trainer = TextSeqRecTrainer(config, model)
+    lrs = lr_trace(trainer)
+    trainer.fit(train, None, saved=False)
+    total = trainer.planned_steps(train)
+    assert len(lrs) == total == 2 * -(-len(train) // 2) and total >= 8  # one update per 2 micro-batches
+    peak = max(range(total), key=lambda i: lrs[i])
+    warmup = round(0.3 * total)
+    assert peak == warmup and lrs[0] == 0.0 and lrs[peak] == pytest.approx(1e-3)
+    assert all(x < y for x, y in zip(lrs[:peak], lrs[1:peak + 1]))  # warms up
+    assert all(x > y for x, y in zip(lrs[peak:], lrs[peak + 1:])) and lrs[-1] < 0.25e-3  # decays towards 0
+    config, model, _ = tiny_model(tiny_data, tiny_encoder, lr_schedule="constant")
+    trainer = TextSeqRecTrainer(config, model)
+    lrs = lr_trace(trainer)
+    trainer.fit(train, None, saved=False)
+    assert lrs and set(lrs) == {1e-3}
+    config, model, _ = tiny_model(tiny_data, tiny_encoder, warmup_steps=3)  # an absolute count wins over the ratio
+    assert TextSeqRecTrainer(config, model).warmup(100) == 3
+
+
+def test_accumulating_k_micro_batches_equals_one_batch_of_k_times_the_size(tiny_data, tmp_path, run_dir):
+    from recbole_weaverec.model.twotower.trainer import TextSeqRecTrainer
+
+    encoder = make_tiny_encoder(tmp_path / "no-dropout", dropout=0.0)  # train() must not add noise
+    # full softmax: each row's loss depends on its own row only, so the split cannot change the gradient
+    kw = dict(softmax="full", learner="sgd", learning_rate=0.5, lr_schedule="constant", train_batch_size=12)
+    config_k, model_k, (train, _, _) = tiny_model(tiny_data, encoder, gradient_accumulation_steps=3, **kw)
+    config_1, model_1, _ = tiny_model(tiny_data, encoder, **kw)
+    batch = next(iter(train))
+    before = {k: v.clone() for k, v in model_1.state_dict().items()}
+    assert all(torch.equal(before[k], v) for k, v in model_k.state_dict().items())
+    accumulating = TextSeqRecTrainer(config_k, model_k)
+    accumulating._train_epoch([batch[0:4], batch[4:8], batch[8:12]], 0)
+    TextSeqRecTrainer(config_1, model_1)._train_epoch([batch], 0)
+    assert accumulating.optimizer_steps == 1
+    moved = [k for k, v in model_1.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("encoder.layer.1" in k for k in moved)
+    for k, v in model_1.state_dict().items():
+        assert torch.allclose(model_k.state_dict()[k], v, atol=1e-6), k
+
+
+def test_full_ranking_keeps_the_users_history_items(tiny_data, tiny_encoder, run_dir):
+    """RecBole masks history items for general models only: a SEQUENTIAL model (TextSeqRec, MergeRec) ranks them, as
+    the official MergeRec evaluator does; only the padding item is excluded."""
+    from recbole_weaverec.model.twotower.trainer import TextSeqRecTrainer
+
+    config, model, (_, _, test) = tiny_model(tiny_data, tiny_encoder, eval_mode="full")
+    batch = next(iter(test))
+    assert batch[1] is None  # no history index for sequential models
+    trainer = TextSeqRecTrainer(config, model.eval())
+    trainer.tot_item_num = model.n_items
+    inter, scores, _, _ = trainer._full_sort_batch_eval(batch)
+    seq = inter[model.ITEM_SEQ]
+    history = scores.gather(1, seq)[seq > 0]
+    assert torch.isfinite(history).all() and torch.isinf(scores[:, 0]).all()

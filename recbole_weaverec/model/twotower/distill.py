@@ -104,6 +104,13 @@ class CoefficientLearner:
         self._pos += self.batch_size
         return self.users.domain[idx], self.users.item[idx]
 
+    def teacher_scores(self, domain, items):
+        """Domain ``domain``'s teacher: cosine of each pseudo-user (one item) with every item 1..n-1 (column j = item
+        j+1)."""
+        t_user, t_items = self.teachers[domain]
+        device = self.coefficients.device
+        return t_user[items - 1].to(device) @ t_items.to(device).T
+
     def loss(self, domains, items):
         params = self.merged_params()
         total = 0.0
@@ -112,17 +119,16 @@ class CoefficientLearner:
             it = items[sel]
             tower = self.towers[d]
             user = tower.encode(tower.user_inputs(*one_item_history(it)), params=params)
-            t_user, t_items = self.teachers[d]
-            device = user.device
-            teacher = t_user[it - 1].to(device) @ t_items.to(device).T
+            teacher = self.teacher_scores(d, it)
             student = user @ self.student_items[d].T
             # per-domain mean weighted by its share: the batch loss is the mean over all pseudo-users
             total = total + distill_loss(student, teacher, self.kd_weight, self.kd_temperature) * sel.sum() / len(items)
         return total
 
-    def step(self):
+    def step(self, batch=None):
+        """One Adam step on ``batch`` (domains, items), by default the next shuffled batch; returns the loss."""
         self.optimizer.zero_grad()
-        loss = self.loss(*self.next_batch())
+        loss = self.loss(*(batch if batch is not None else self.next_batch()))
         loss.backward()
         self.optimizer.step()
         return float(loss.detach())

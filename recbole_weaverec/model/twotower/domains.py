@@ -18,10 +18,11 @@ from recbole_weaverec.errors import CacheFileError, DomainModelMismatchError
 from recbole_weaverec.files import replacing
 
 # TextSeqRec settings that change what fine-tuning produces (the cache key); display/eval-only keys are left out
-TRAINING_KEYS = ("text_fields", "max_item_tokens", "max_seq_items", "max_user_tokens", "temperature", "softmax",
-                 "full_softmax_refresh", "learner", "learning_rate", "weight_decay", "epochs", "train_batch_size",
-                 "stopping_step", "eval_step", "valid_metric", "seed", "MAX_ITEM_LIST_LENGTH", "clip_grad_norm",
-                 "load_col", "eval_args")
+TRAINING_KEYS = ("text_fields", "max_item_tokens", "max_attribute_tokens", "pooling", "max_seq_items",
+                 "max_user_tokens", "temperature", "softmax", "full_softmax_refresh", "learner", "learning_rate",
+                 "weight_decay", "lr_schedule", "warmup_ratio", "warmup_steps", "gradient_accumulation_steps",
+                 "epochs", "train_batch_size", "stopping_step", "eval_step", "valid_metric", "seed",
+                 "MAX_ITEM_LIST_LENGTH", "clip_grad_norm", "load_col", "eval_args")
 MERGE_ONLY_KEYS = ("model",)
 
 
@@ -145,7 +146,9 @@ def finetuned_path(config, dconfig, encoder_path):
 
 
 def finetune_domain(dconfig, show_progress=False, epoch_times=None):
-    """Train a TextSeqRec on one domain's own training split (RecBole's trainer, best valid checkpoint).
+    """Train a TextSeqRec on one domain's own training split with its trainer (warmup + decay, accumulation) and
+    RecBole's early stopping: ``stopping_step`` evaluations without a better ``valid_metric`` end it, and the best
+    validation checkpoint is the domain model.
 
     ``epoch_times`` (a list) receives the wall time of each training epoch (benchmarks compare it with merging).
     """

@@ -1,29 +1,66 @@
-"""The shared text tower of TextSeqRec / MergeRec: an HF encoder over pre-tokenised item texts, mean pooled.
+"""The shared text tower of TextSeqRec / MergeRec: an HF encoder over pre-tokenised item texts, CLS or mean pooled.
 
-Item texts are tokenised once (each cut to ``max_item_tokens``); a user's input is built from those token ids
-(most recent item first, joined by the tokenised "; ", cut to ``max_user_tokens``), so no batch re-tokenises text.
-``params`` lets a caller run the encoder with other weights (e.g. merged weights that depend on learnable
-coefficients) through ``torch.func.functional_call`` without touching the module's own parameters.
+Item texts are tokenised once: each attribute value ("title", "brand", "category") cut to ``max_attribute_tokens``
+on its own, as the MergeRec authors do, so a long title cannot push brand and category out; the joined labelled text
+is then optionally cut to ``max_item_tokens`` as a whole. A user's input is built from those token ids (most recent
+item first, joined by the tokenised "; ", cut to ``max_user_tokens``), so no batch re-tokenises text. ``params``
+lets a caller run the encoder with other weights (e.g. merged weights that depend on learnable coefficients)
+through ``torch.func.functional_call`` without touching the module's own parameters.
 """
+import json
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 from recbole_weaverec.textembed import mean_pool
 
+POOLINGS = ("cls", "mean")
+
+
+def default_pooling(encoder_path):
+    """``mean`` for a sentence-transformers folder whose pooling config says mean (the embedded all-MiniLM-L6-v2),
+    else ``cls`` (BERT/RoBERTa-style encoders such as BLaIR, the official MergeRec code's default)."""
+    config = os.path.join(str(encoder_path), "1_Pooling", "config.json")
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            if json.load(f).get("pooling_mode_mean_tokens"):
+                return "mean"
+    return "cls"
+
+
+def attribute_text(tokenizer, attributes, max_attribute_tokens=None):
+    """ "label: value label: value" with each value cut to ``max_attribute_tokens`` tokens on its own."""
+    parts = []
+    for label, value in attributes:
+        if not value:
+            continue
+        if max_attribute_tokens is not None:
+            tokens = tokenizer.tokenize(value)
+            if len(tokens) > max_attribute_tokens:
+                value = tokenizer.convert_tokens_to_string(tokens[:max_attribute_tokens])
+        parts.append(f"{label}: {value}")
+    return " ".join(parts)
+
 
 class TextTower(torch.nn.Module):
-    def __init__(self, encoder_path, texts, max_item_tokens, max_user_tokens, max_seq_items):
+    """``items``: per internal item id, a list of (label, value) attributes ([] for the padding item)."""
+
+    def __init__(self, encoder_path, items, max_item_tokens, max_user_tokens, max_seq_items,
+                 max_attribute_tokens=None, pooling=None):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
         self.encoder_path = encoder_path
         self.tokenizer = AutoTokenizer.from_pretrained(encoder_path)
         self.encoder = AutoModel.from_pretrained(encoder_path)
+        self.pooling = pooling or default_pooling(encoder_path)
         self.max_user_tokens = int(max_user_tokens)
         self.max_seq_items = int(max_seq_items)
-        ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=True,
-                             max_length=int(max_item_tokens))["input_ids"]
+        texts = [attribute_text(self.tokenizer, attrs, max_attribute_tokens) for attrs in items]
+        whole = {} if max_item_tokens is None else {"truncation": True, "max_length": int(max_item_tokens)}
+        ids = self.tokenizer(texts, add_special_tokens=False, **whole)["input_ids"]
         self.item_ids = [list(x) for x in ids]
         self.sep_ids = self.tokenizer("; ", add_special_tokens=False)["input_ids"]
         self.prefix, self.suffix = self._special_template()
@@ -59,8 +96,15 @@ class TextTower(torch.nn.Module):
             out.append(self._with_special(ids, self.max_user_tokens))
         return out
 
+    def pool(self, hidden, mask):
+        if self.pooling == "mean":
+            return mean_pool(hidden, mask)
+        # the first real token ([CLS] / <s>): position 0 with right padding, still right if a tokenizer pads left
+        first = mask.long().argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+
     def encode(self, inputs, params=None):
-        """L2-normalised mean-pooled embeddings of a list of token-id lists (gradients flow unless disabled)."""
+        """L2-normalised pooled embeddings of a list of token-id lists (gradients flow unless disabled)."""
         device = next(self.encoder.parameters()).device
         batch = self.tokenizer.pad({"input_ids": inputs}, return_tensors="pt").to(device)
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -68,7 +112,7 @@ class TextTower(torch.nn.Module):
             hidden = self.encoder(**kwargs).last_hidden_state
         else:
             hidden = functional_call(self.encoder, params, args=(), kwargs=kwargs, strict=False).last_hidden_state
-        return F.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
+        return F.normalize(self.pool(hidden, batch["attention_mask"]), dim=-1)
 
     @torch.no_grad()
     def encode_all(self, inputs, batch_size, params=None, progress=False, desc="encoding items"):

@@ -9,6 +9,7 @@ No real user interaction of any domain is used in (1)–(3). ``merge_learn: fals
 The merged model is evaluated on every domain of ``merge_domains`` (its own test split and catalogue);
 ``dataset`` is the domain reported first (and the one ``run`` returns as test_result).
 """
+import re
 import time
 from logging import getLogger
 
@@ -25,7 +26,30 @@ from recbole_weaverec.model.twotower.textseqrec import TextSeqRec
 
 MERGE_INITS = ("task_arithmetic", "ties", "average")
 GRANULARITIES = ("task", "layer")
+LAYER_GROUPINGS = ("others", "modules")
+_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.\d+(?=\.|$)")
 DEFAULT_COEFFICIENT = {"task_arithmetic": 0.2, "ties": 1.0}  # paper's initial values; average: 1/K
+
+
+def coefficient_groups(keys, grouping="others"):
+    """(group_of {key: column}, group names) for layer-wise coefficients.
+
+    ``others``: one group per encoder layer plus one "others" group for every other parameter (embeddings, norms,
+    pooler), as the authors' code; ``modules``: one group per non-layer module (``merging.layer_groups``), where a
+    module the loss never reaches (e.g. BERT's pooler) keeps a coefficient without a gradient.
+    """
+    from recbole_weaverec.merging import layer_groups
+
+    if grouping == "modules":
+        return layer_groups(keys)
+    group_of, names = {}, []
+    for key in keys:
+        m = _LAYER.search(key)
+        label = key[:m.end()] if m else "others"
+        if label not in names:
+            names.append(label)
+        group_of[key] = names.index(label)
+    return group_of, names
 
 
 class MergeRecTrainer(Trainer):
@@ -97,7 +121,7 @@ class MergePipeline:
         self.finetuned = {d: states[d][0] for d in self.domains}
 
         # (1) task vectors + merge initialisation
-        from recbole_weaverec.merging import AdapterMismatchError, layer_groups, prepare_task_vectors, task_vector
+        from recbole_weaverec.merging import AdapterMismatchError, prepare_task_vectors, task_vector
 
         base = self.model.base_state
         keys = [k for k, v in base.items() if v.is_floating_point()]
@@ -111,7 +135,7 @@ class MergePipeline:
         method = config["merge_init"]
         prepared = prepare_task_vectors(tvs, method=method, density=config["merge_density"])
         del tvs
-        group_of, groups = layer_groups(keys)
+        group_of, groups = coefficient_groups(keys, config["merge_layer_groups"])
         k = len(self.domains)
         value = config["merge_coefficient"]
         if value is None:
@@ -209,6 +233,7 @@ class MergeRec(TextSeqRec):
         domains = domain_list(config, "merge_domains", required=True, min_len=2, allow_target=True)
         check_choice(config, "merge_init", MERGE_INITS)
         check_choice(config, "merge_granularity", GRANULARITIES)
+        check_choice(config, "merge_layer_groups", LAYER_GROUPINGS)
         for key in ("merge_learn", "merge_finetune"):
             check_bool(config, key)
         check_number(config, "merge_density", low=0, high=1, low_open=True)

@@ -1,9 +1,10 @@
-"""TextSeqRec: a text two-tower sequential recommender (Recformer/BLaIR-style backbone of MergeRec).
+"""TextSeqRec: a text two-tower sequential recommender (the backbone of MergeRec, BLaIR-style).
 
 User tower: the encoder over the history's item texts ("title: … brand: … category: …", most recent first, joined
-"; "). Item tower: the same encoder over each item's text. Mean pooling, score = cosine / temperature. Trained with
-in-batch softmax (or a full softmax over cached catalogue embeddings) by RecBole's own trainer. For evaluation the
-catalogue is encoded once and cached until the next training step or weight load.
+"; "). Item tower: the same encoder over each item's text. CLS or mean pooling (``pooling``), score = cosine /
+temperature. Trained with in-batch softmax (or a full softmax over cached catalogue embeddings) by RecBole's trainer
+with gradient accumulation and a warmup + linear decay schedule (``trainer.py``). For evaluation the catalogue is
+encoded once and cached until the next training step or weight load.
 """
 import torch
 import torch.nn.functional as F
@@ -12,26 +13,47 @@ from recbole.utils import InputType, ModelType
 
 from recbole_weaverec import distributed
 from recbole_weaverec.config import ConfigError
-from recbole_weaverec.data.itemtext import MissingTextFieldError, item_texts
+from recbole_weaverec.data.itemtext import FIELD_LABELS, MissingTextFieldError, check_fields, field_values
 from recbole_weaverec.checks import check_choice, check_int, check_number, name_list
 from recbole_weaverec.model.abstract import ModelHooks
-from recbole_weaverec.model.twotower.encoder import TextTower
+from recbole_weaverec.model.twotower.encoder import POOLINGS, TextTower
+from recbole_weaverec.model.twotower.trainer import LR_SCHEDULES, TextSeqRecTrainer
 from recbole_weaverec.textembed import resolve_encoder_path
 
 SOFTMAX = ("in_batch", "full")
 
 
+def item_attributes(dataset, fields):
+    """Per internal item id, its (label, value) pairs of the fields the dataset has (labels as in the paper)."""
+    fields = check_fields(dataset, list(fields), require_all=False)
+    columns = [field_values(dataset, f) for f in fields]
+    items = [[(FIELD_LABELS.get(f, f), v) for f, v in zip(fields, values) if v] for values in zip(*columns)]
+    items[0] = []  # padding item
+    return items
+
+
 class TextSeqRec(ModelHooks, SequentialRecommender):
     input_type = InputType.POINTWISE
     type = ModelType.SEQUENTIAL
+    trainer_class = TextSeqRecTrainer
 
     @classmethod
     def validate_config(cls, config):
         check_number(config, "temperature", low=0, low_open=True)
-        for key in ("max_seq_items", "max_item_tokens", "max_user_tokens", "encode_batch_size",
-                    "full_softmax_refresh"):
+        for key in ("max_seq_items", "max_user_tokens", "encode_batch_size", "full_softmax_refresh",
+                    "gradient_accumulation_steps"):
             check_int(config, key, low=1)
         check_choice(config, "softmax", SOFTMAX)
+        cuts = [check_int(config, key, low=1, allow_none=True) for key in ("max_item_tokens", "max_attribute_tokens")]
+        if cuts == [None, None]:
+            raise ConfigError("max_item_tokens=None and max_attribute_tokens=None is not allowed: set at least one "
+                              "(each attribute cut to max_attribute_tokens, or the whole item text to max_item_tokens)")
+        if config["pooling"] is not None and config["pooling"] not in POOLINGS:
+            raise ConfigError(f"pooling={config['pooling']!r} is not allowed: expected cls, mean or ~ (mean for a "
+                              f"mean-pooling sentence-transformers encoder such as the embedded MiniLM, else cls)")
+        check_choice(config, "lr_schedule", LR_SCHEDULES)
+        check_number(config, "warmup_ratio", low=0, high=1)
+        check_int(config, "warmup_steps", low=0, allow_none=True)
         fields = name_list(config["text_fields"])
         if not isinstance(fields, (list, tuple)) or not fields or not all(isinstance(f, str) for f in fields):
             raise ConfigError(f"text_fields={config['text_fields']!r} is not allowed: expected a non-empty list of "
@@ -41,8 +63,8 @@ class TextSeqRec(ModelHooks, SequentialRecommender):
         super().__init__(config, dataset)
         TextSeqRec.validate_config(config)  # (MergeRec checks its own keys; these are the towers')
         fields = list(name_list(config["text_fields"]))
-        texts = item_texts(dataset, fields, labelled=True)
-        if not any(texts[1:]):
+        items = item_attributes(dataset, fields)
+        if not any(items[1:]):
             raise MissingTextFieldError(f"dataset {dataset.dataset_name!r}: no item has any text in text_fields="
                                         f"{fields}")
         self.temperature = float(config["temperature"])
@@ -51,8 +73,9 @@ class TextSeqRec(ModelHooks, SequentialRecommender):
         self.full_softmax_refresh = config["full_softmax_refresh"]
         self.show_progress = bool(config["show_progress"])
         self.encoder_path = resolve_encoder_path(config["text_encoder_path"])
-        self.tower = TextTower(self.encoder_path, texts, config["max_item_tokens"], config["max_user_tokens"],
-                               config["max_seq_items"])
+        self.tower = TextTower(self.encoder_path, items, config["max_item_tokens"], config["max_user_tokens"],
+                               config["max_seq_items"], max_attribute_tokens=config["max_attribute_tokens"],
+                               pooling=config["pooling"])
         self._item_cache = None  # all item embeddings for evaluation (no grad)
         self._train_catalogue = None  # detached catalogue for the full softmax, refreshed every N steps
         self._steps = 0

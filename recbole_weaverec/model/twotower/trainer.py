@@ -1,0 +1,89 @@
+"""TextSeqRec's trainer: RecBole's, plus the MergeRec authors' fine-tuning shape.
+
+- gradient accumulation: ``gradient_accumulation_steps`` micro-batches of ``train_batch_size`` per optimizer step
+  (each micro-batch loss divided by the window's size, so k micro-batches of a per-row mean loss give one batch of
+  k× size). With ``softmax: in_batch`` each micro-batch keeps its own negatives, as in the authors' Lightning code.
+- learning-rate schedule per optimizer step: ``lr_schedule: linear`` = linear warmup over ``warmup_steps`` (or
+  ``warmup_ratio`` of the planned steps) then linear decay to 0 at the last planned step
+  (``transformers.get_linear_schedule_with_warmup``); ``constant`` = RecBole's fixed rate.
+Early stopping on ``valid_metric`` (default NDCG@10) after ``stopping_step`` evaluations without gain, keeping the
+best checkpoint, is RecBole's own ``fit``.
+"""
+import math
+
+import torch
+from recbole.trainer import Trainer
+from torch.nn.utils.clip_grad import clip_grad_norm_
+
+LR_SCHEDULES = ("linear", "constant")
+
+
+class TextSeqRecTrainer(Trainer):
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.accumulation = int(config["gradient_accumulation_steps"] or 1)
+        self.lr_schedule = config["lr_schedule"] or "constant"
+        self.scheduler = None
+        self.optimizer_steps = 0  # (RecBole's cur_step counts evaluations without improvement)
+
+    def planned_steps(self, train_data):
+        per_epoch = math.ceil(len(train_data) / self.accumulation)
+        return max(per_epoch * max(self.epochs - self.start_epoch, 0), 1)
+
+    def warmup(self, total):
+        steps = self.config["warmup_steps"]
+        return int(steps) if steps is not None else int(round(float(self.config["warmup_ratio"]) * total))
+
+    def build_scheduler(self, train_data):
+        if self.lr_schedule != "linear":
+            return None
+        from transformers import get_linear_schedule_with_warmup
+
+        total = self.planned_steps(train_data)
+        return get_linear_schedule_with_warmup(self.optimizer, self.warmup(total), total)
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self.scheduler = self.build_scheduler(train_data)
+        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+
+    def _optimizer_step(self, scaler):
+        if self.clip_grad_norm:
+            scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
+        scaler.step(self.optimizer)
+        scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad()
+        self.optimizer_steps += 1
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        """RecBole's epoch (AMP, data-parallel sync, NaN check) with an optimizer step every k micro-batches."""
+        from recbole.utils import set_color
+        from tqdm import tqdm
+
+        self.model.train()
+        loss_func = loss_func or self.model.calculate_loss
+        n, k = len(train_data), self.accumulation
+        iter_data = tqdm(train_data, total=n, ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink")) \
+            if show_progress else train_data
+        if not self.config["single_spec"] and train_data.shuffle:
+            train_data.sampler.set_epoch(epoch_idx)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.enable_scaler)
+        total_loss = 0.0
+        self.optimizer.zero_grad()
+        for i, interaction in enumerate(iter_data):
+            interaction = interaction.to(self.device)
+            window = min(k, n - (i // k) * k)  # an epoch's last window may hold fewer micro-batches
+            sync_loss = 0
+            if not self.config["single_spec"]:
+                self.set_reduce_hook()
+                sync_loss = self.sync_grad_loss()
+            with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
+                loss = loss_func(interaction)
+            total_loss += loss.item()
+            self._check_nan(loss)
+            scaler.scale((loss + sync_loss) / window).backward()
+            if (i + 1) % k == 0 or i + 1 == n:
+                self._optimizer_step(scaler)
+        return total_loss
