@@ -86,7 +86,8 @@ TRAIN_VARIANTS = [  # (label, config overrides): each measured in its own proces
 ]
 SCORE_VARIANTS = [("old path: cache copied per candidate (fp32)", "old", {}),
                   ("packed answers, one uncopied cache (fp32, the default)", "new", {}),
-                  ("packed answers (llm_dtype: bfloat16)", "new", {"llm_dtype": "bfloat16"})]
+                  ("packed answers (llm_dtype: bfloat16)", "new", {"llm_dtype": "bfloat16"}),
+                  ("packed answers, 4 users per forward (score_users_per_batch: 4, fp32)", "users4", {})]
 
 
 def _model(args, overrides):
@@ -122,18 +123,28 @@ def train_probe(args, overrides):
 
 
 def score_probe(args, path, overrides):
-    """One scoring variant: s/user over ``speed_users`` users (30 candidates), peak RSS, the scores."""
-    from recbole_weaverec.model.llm.scoring import score_candidates
+    """One scoring variant: s/user over ``speed_users`` users (30 candidates), peak RSS, the scores. ``path``: old,
+    new (one user per forward) or usersN (N users per forward, ``score_users``)."""
+    from recbole_weaverec.model.llm.scoring import score_candidates, score_users
 
     model = _model(args, {"max_train_samples": args.speed_users, **overrides})
     model.fold()
     users = [_prompt_and_answers(model, s) for s in model.samples]
     body, head = linear_params(model.llm)
-    score = (lambda p, a: old_scores(model.llm, p, a, model.tokenizer.pad_token_id)) if path == "old" else \
-        (lambda p, a: score_candidates(model.llm, p, a))
-    score(*users[0])  # warm-up
+    if path.startswith("users"):
+        per = int(path[len("users"):])
+
+        def score_all(us):
+            return [s for i in range(0, len(us), per) for s in score_users(model.llm, us[i:i + per])]
+    else:
+        score = (lambda p, a: old_scores(model.llm, p, a, model.tokenizer.pad_token_id)) if path == "old" else \
+            (lambda p, a: score_candidates(model.llm, p, a))
+
+        def score_all(us):
+            return [score(p, a) for p, a in us]
+    score_all(users[:1])  # warm-up
     start = time.perf_counter()
-    scores = [score(p, a).float().tolist() for p, a in users]
+    scores = [s.float().tolist() for s in score_all(users)]
     seconds = (time.perf_counter() - start) / len(users)
     tokens = sum(len(p) + sum(len(a) for a in ans) for p, ans in users) / len(users)
     answer_tokens = sum(sum(len(a) for a in ans) for _, ans in users) / len(users)

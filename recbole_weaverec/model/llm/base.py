@@ -22,7 +22,7 @@ from recbole_weaverec.model.abstract import ModelHooks
 from recbole_weaverec.merging import check_adapter_paths
 from recbole_weaverec.model.llm.backbone import load_backbone
 from recbole_weaverec.model.llm.prompts import PromptBuilder
-from recbole_weaverec.model.llm.scoring import score_candidates
+from recbole_weaverec.model.llm.scoring import score_candidates, score_users
 from recbole_weaverec.model.llm.trainer import LLMTrainer
 from recbole_weaverec.model.llm.training import LoraSettings, training_key
 from recbole_weaverec.model.llm.samples import domain_data
@@ -43,7 +43,8 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
         if cls.uses_sources:
             with_sample_sources(config)
         for key in ("max_history", "max_title_tokens", "lora_r", "epochs", "train_batch_size",
-                    "gradient_accumulation_steps", "score_chunk_size", "max_full_sort_items"):
+                    "gradient_accumulation_steps", "score_chunk_size", "max_full_sort_items",
+                    "score_users_per_batch"):
             check_int(config, key, low=1)
         check_int(config, "max_train_samples", low=1, allow_none=True)
         check_int(config, "train_tokens_per_pass", low=1, allow_none=True)
@@ -181,21 +182,44 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
     def _titles(self, items):
         return [self.target.titles[int(i)] for i in items]
 
-    def score_user(self, history, candidates, listed=None, order_seed=0):
-        """Scores of ``candidates`` (target item ids) for one user with ``history`` (item ids, oldest first).
-
-        ``listed``: the candidates written into the prompt (default: ``candidates`` in a seeded random order; never
-        RecBole's order, which puts the true item first)."""
+    def _user_inputs(self, history, candidates, listed=None, order_seed=0):
+        """(prompt ids, answer ids of each distinct candidate, which answer each of ``candidates`` is)."""
         if listed is None and self.builder.prompt_candidates:
             listed = list(dict.fromkeys(int(c) for c in candidates))
             np.random.default_rng([int(self.config["seed"]), int(order_seed)]).shuffle(listed)
         prompt = self.builder.prompt_ids(self._titles(history), self._titles(listed) if listed else None)
         unique = list(dict.fromkeys(int(c) for c in candidates))
         answers = [self.builder.answer_ids(self.target.titles[c]) for c in unique]
+        index = {c: i for i, c in enumerate(unique)}
+        return prompt, answers, [index[int(c)] for c in candidates]
+
+    def score_user(self, history, candidates, listed=None, order_seed=0):
+        """Scores of ``candidates`` (target item ids) for one user with ``history`` (item ids, oldest first).
+
+        ``listed``: the candidates written into the prompt (default: ``candidates`` in a seeded random order; never
+        RecBole's order, which puts the true item first)."""
+        prompt, answers, picks = self._user_inputs(history, candidates, listed, order_seed)
         scores = score_candidates(self.llm, prompt, answers, self.config["score_chunk_size"],
                                   self.tokenizer.pad_token_id)
-        index = {c: i for i, c in enumerate(unique)}
-        return scores[[index[int(c)] for c in candidates]]
+        return scores[picks]
+
+    def score_many(self, requests, progress=None):
+        """``score_user(*r)`` for each r of ``requests``, ``score_users_per_batch`` users per forward (1: one user
+        at a time, the exact single-user path). ``progress`` (a tqdm bar) is advanced by each user."""
+        per_batch = self.config["score_users_per_batch"] or 1
+        out = []
+        for i in range(0, len(requests), per_batch):
+            batch = requests[i:i + per_batch]
+            if per_batch == 1:
+                out.append(self.score_user(*batch[0]))
+            else:
+                inputs = [self._user_inputs(*r) for r in batch]
+                scores = score_users(self.llm, [(p, a) for p, a, _ in inputs], self.config["score_chunk_size"],
+                                     self.tokenizer.pad_token_id)
+                out += [s[picks] for s, (_, _, picks) in zip(scores, inputs)]
+            if progress is not None:
+                progress.update(len(batch))
+        return out
 
     def _groups(self, interaction):
         seq, lengths = interaction[self.ITEM_SEQ].cpu(), interaction[self.ITEM_SEQ_LEN].cpu()
@@ -218,9 +242,12 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
         items = interaction[self.ITEM_ID].cpu()
         out = torch.empty(len(items), dtype=torch.float32)
         groups = list(self._groups(interaction))
-        for rows, history, seed in tqdm(groups, desc="scoring users", unit="user", disable=not self.show_progress,
-                                        leave=False):
-            out[rows] = self.score_user(history, items[rows].tolist(), order_seed=seed)
+        with tqdm(total=len(groups), desc="scoring users", unit="user", disable=not self.show_progress,
+                  leave=False) as bar:
+            scores = self.score_many([(history, items[rows].tolist(), None, seed) for rows, history, seed in groups],
+                                     bar)
+        for (rows, _, _), s in zip(groups, scores):
+            out[rows] = s
         return out.to(self.device)
 
     def full_sort_predict(self, interaction):
@@ -233,6 +260,7 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
         seq, lengths = interaction[self.ITEM_SEQ].cpu(), interaction[self.ITEM_SEQ_LEN].cpu()
         out = torch.full((len(seq), n), -torch.inf)
         items = list(range(1, n))
-        for r in range(len(seq)):
-            out[r, 1:] = self.score_user(seq[r, :int(lengths[r])].tolist(), items, listed=[])
+        scores = self.score_many([(seq[r, :int(lengths[r])].tolist(), items, [], 0) for r in range(len(seq))])
+        for r, s in enumerate(scores):
+            out[r, 1:] = s
         return out.flatten().to(self.device)

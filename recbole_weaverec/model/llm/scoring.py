@@ -8,6 +8,11 @@ cache 30 times per user) and each chunk costs one forward over its answer tokens
 cropped off the cache again before the next chunk. Log-probabilities are taken as logit - logsumexp, gathered only for
 the answer tokens, so no second vocabulary-wide tensor is made.
 
+``score_users`` does the same for several users per forward (``score_users_per_batch``): prompts left-padded to
+one length (each row's real prompt then ends in the last column, so ``logits_to_keep=1`` still gives every user's
+first-token distribution), each user's packed answers right-padded, position ids per user, and masks under which no
+real token sees a padding column; padding queries attend to themselves only (an all-masked row would be NaN).
+
 This ranks all candidates by likelihood; the reference (WeaveRec's public code) instead generates one answer greedily
 and exact-matches it against the candidate titles (see ``prompts.py``), so its numbers are not directly comparable.
 """
@@ -64,14 +69,22 @@ def packed_answers(answers, n_prompt, device):
     return ids, positions, mask[None, None], torch.tensor(targets, dtype=torch.long, device=device), owner
 
 
+def _attention_mask(model, mask):
+    """``mask`` (bool, True = attend) as the attention implementation wants it: sdpa takes it as is, eager and
+    others add it to the attention logits."""
+    if getattr(_base(model).config, "_attn_implementation", "sdpa") == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, -torch.inf)
+
+
 def _score(model, prompt_ids, answers, chunk_size, keep_graph):
     device = next(model.parameters()).device
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     n_prompt = prompt.shape[1]
     # only the last prompt position's logits are needed (the vocabulary projection is ~20% of a small LM's work)
-    out = _forward(model, DynamicCache(), input_ids=prompt, logits_to_keep=1)
+    cache = DynamicCache()  # filled in place (reading it back as out.past_key_values is deprecated)
+    out = _forward(model, cache, input_ids=prompt, logits_to_keep=1)
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # distribution of every answer's first token
-    cache = out.past_key_values
     scores = []
     for start in range(0, len(answers), chunk_size):
         chunk = [list(a) for a in answers[start:start + chunk_size]]
@@ -79,9 +92,8 @@ def _score(model, prompt_ids, answers, chunk_size, keep_graph):
         logp = first[torch.tensor([a[0] for a in chunk], device=device)]
         if any(len(a) > 1 for a in chunk):
             ids, positions, mask, targets, owner = packed_answers(chunk, n_prompt, device)
-            if getattr(_base(model).config, "_attn_implementation", "sdpa") != "sdpa":  # eager and others add the mask to the attention logits
-                mask = torch.zeros(mask.shape, dtype=first.dtype, device=device).masked_fill(~mask, -torch.inf)
-            logits = _forward(model, cache, input_ids=ids, position_ids=positions, attention_mask=mask).logits[0]
+            logits = _forward(model, cache, input_ids=ids, position_ids=positions,
+                              attention_mask=_attention_mask(model, mask)).logits[0]
             logits = logits.float()
             token_logp = logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
             logp = logp.index_add(0, owner, token_logp)
@@ -89,3 +101,76 @@ def _score(model, prompt_ids, answers, chunk_size, keep_graph):
         scores.append(logp / lengths)
     out = torch.cat(scores).float()
     return out if keep_graph else out.cpu()
+
+
+def score_users(model, users, chunk_size=64, pad_id=0):
+    """``score_candidates`` of several users (a list of (prompt ids, answers)) from batched forwards: one over the B
+    left-padded prompts, then one per chunk of ``chunk_size`` candidates of every user. Returns a float32 CPU tensor
+    per user; the same numbers as one user at a time up to float rounding (kernels see other shapes)."""
+    users = [(list(p), [list(a) for a in answers]) for p, answers in users]
+    if not users:
+        return []
+    with torch.inference_mode():
+        return _score_batch(model, users, chunk_size, pad_id)
+
+
+def _score_batch(model, users, chunk_size, pad_id):
+    device = next(model.parameters()).device
+    n_prompt = [len(p) for p, _ in users]
+    width = max(n_prompt)
+    start = torch.tensor([width - n for n in n_prompt], device=device)  # first real column of each row
+    ids = torch.full((len(users), width), pad_id, dtype=torch.long, device=device)
+    for u, (p, _) in enumerate(users):
+        ids[u, width - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+    col = torch.arange(width, device=device)
+    real = col[None, :] >= start[:, None]
+    positions = (col[None, :] - start[:, None]).clamp(min=0)  # every real prompt starts at position 0
+    own = torch.eye(width, dtype=torch.bool, device=device)
+    mask = ((col[None, :] <= col[:, None])[None] & real[:, None, :]) | own[None]  # [B, query, key]
+    cache = DynamicCache()
+    out = _forward(model, cache, input_ids=ids, position_ids=positions,
+                   attention_mask=_attention_mask(model, mask[:, None]), logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, vocab]
+    scores = [[] for _ in users]
+    n_chunks = max(-(-len(answers) // chunk_size) for _, answers in users)
+    for k in range(n_chunks):
+        chunks = [answers[k * chunk_size:(k + 1) * chunk_size] for _, answers in users]
+        packed = [packed_answers(c, n, device) for c, n in zip(chunks, n_prompt)]
+        logp = [first[u][torch.tensor([a[0] for a in c], dtype=torch.long, device=device)]
+                for u, c in enumerate(chunks)]
+        length = max(p[0].shape[1] for p in packed)
+        if length:
+            ids, positions, mask = _batched_answers(packed, start, width, length, pad_id, device)
+            logits = _forward(model, cache, input_ids=ids, position_ids=positions,
+                              attention_mask=_attention_mask(model, mask)).logits
+            for u, (row_ids, _, _, targets, owner) in enumerate(packed):
+                t = row_ids.shape[1]
+                if t:  # fp32 log-softmax of one user's answer tokens at a time, not of the whole batch
+                    row = logits[u, :t].float()
+                    token_logp = row.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(row, dim=-1)
+                    logp[u] = logp[u].index_add(0, owner, token_logp)
+            del logits
+            cache.crop(-length)  # the next chunk sees the prompts only (negative: tokens to drop)
+        for u, c in enumerate(chunks):
+            if c:
+                scores[u].append(logp[u] / torch.tensor([len(a) for a in c], dtype=torch.float32, device=device))
+    return [torch.cat(s).float().cpu() if s else torch.zeros(0) for s in scores]
+
+
+def _batched_answers(packed, start, width, length, pad_id, device):
+    """(ids [B, length], position ids, mask [B, 1, length, width + length]) of the users' packed answer rows,
+    right-padded: row u's answer tokens see its real prompt columns (start[u]:width) and its own answer block;
+    padding tokens see only themselves."""
+    b = len(packed)
+    ids = torch.full((b, length), pad_id, dtype=torch.long, device=device)
+    positions = torch.zeros((b, length), dtype=torch.long, device=device)
+    mask = torch.zeros((b, length, width + length), dtype=torch.bool, device=device)
+    pad = torch.arange(length, device=device)
+    for u, (row_ids, row_positions, row_mask, _, _) in enumerate(packed):
+        t, s = row_ids.shape[1], int(start[u])
+        ids[u, :t], positions[u, :t] = row_ids[0], row_positions[0]
+        n = width - s
+        mask[u, :t, s:width] = row_mask[0, 0, :, :n]
+        mask[u, :t, width:width + t] = row_mask[0, 0, :, n:]
+        mask[u, pad[t:], width + pad[t:]] = True
+    return ids, positions, mask[:, None]
