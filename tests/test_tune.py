@@ -222,6 +222,9 @@ def test_protocol_selection(data, tmp_path):
     assert {(c["model"], c["protocol"]) for c in runner.calls} == {("Pop", "uni29")}
     with pytest.raises(LeaderboardConfigError, match="--protocol 'uni5' is not a table of this board: full, uni29"):
         b.select(protocols=["uni5"])
+    with pytest.raises(LeaderboardConfigError, match="--dataset 'toys' is not a dataset of this board: tiny"):
+        b.select(datasets=["toys"])
+    assert {c["dataset"] for c in b.select(datasets=["tiny"])} == {"tiny"}
 
 
 def test_search_starts_again_when_its_trials_ran_stale_code(data, tmp_path):

@@ -45,8 +45,14 @@ class Leaderboard:
             return None, record
         return with_params(cell, record["params"]), record
 
-    def select(self, only=None, protocols=None):
+    def select(self, only=None, protocols=None, datasets=None):
         cells = list(self.cells)
+        if datasets:
+            bad = [d for d in datasets if d not in self.cfg["datasets"]]
+            if bad:
+                raise LeaderboardConfigError(f"--dataset {bad[0]!r} is not a dataset of this board: "
+                                             f"{', '.join(self.cfg['datasets'])}")
+            cells = [c for c in cells if c["dataset"] in datasets]
         if protocols:
             bad = [p for p in protocols if p not in self.cfg["protocols"]]
             if bad:
@@ -61,9 +67,9 @@ class Leaderboard:
             raise LeaderboardConfigError(f"--only {bad[0]!r} is not a model of this board: {', '.join(sorted(names))}")
         return [c for c in cells if c["model"] in only or c["label"] in only]
 
-    def dry_run(self, only=None, file=None, protocols=None):
+    def dry_run(self, only=None, file=None, protocols=None, datasets=None):
         file = file or sys.stdout
-        cells = self.select(only, protocols)
+        cells = self.select(only, protocols, datasets)
         width = max([len(c["label"]) for c in cells] + [5])
         print(f"{len(cells)} cells ({sum(self.cached(c) is not None for c in cells)} cached) -> {self.out}",
               file=file)
@@ -78,11 +84,11 @@ class Leaderboard:
             print(f"  {c['protocol']:<6} {c['label']:<{width}} {c['dataset']:<16} {sources_label(c):<24} "
                   f"seed={c['seed']:<6} {c['hash']}  {state}", file=file)
 
-    def run(self, only=None, protocols=None):
+    def run(self, only=None, protocols=None, datasets=None):
         """Compute the missing cells of the selection; write the outputs for the whole grid. Returns #failed."""
         from tqdm import tqdm
 
-        selected = [c for c in self.select(only, protocols) if c["available"]]
+        selected = [c for c in self.select(only, protocols, datasets) if c["available"]]
         failed = 0
         searches = list({_group(c): self.bases[_group(c)] for c in selected
                          if self.space(c) is not None and self.effective(c)[0] is None}.values())

@@ -25,6 +25,8 @@ def build_parser():
                         "cached results")
     p.add_argument("--protocol", action="append", metavar="NAME",
                    help="compute only this table's cells (e.g. full; repeatable)")
+    p.add_argument("--dataset", action="append", metavar="NAME",
+                   help="compute only this target dataset's cells (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the grid and which cells are cached; run nothing")
     p.add_argument("--render", action="store_true",
                    help="run nothing: rewrite results.csv, results.md and the PNGs from the cached cells")
@@ -63,12 +65,12 @@ def main(argv=None):
         if args.output_dir:
             cfg["output_dir"] = str(Path(args.output_dir).resolve())
         board = Leaderboard(cfg, show_progress=not args.quiet, tuned=not args.untuned)
-        board.select(args.only, args.protocol)  # validates --only and --protocol before anything runs
+        board.select(args.only, args.protocol, args.dataset)  # validates the filters before anything runs
     except LeaderboardConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        board.dry_run(args.only, protocols=args.protocol)
+        board.dry_run(args.only, protocols=args.protocol, datasets=args.dataset)
         return 0
     if args.render:
         board.write_outputs()
@@ -77,7 +79,7 @@ def main(argv=None):
     # a plain `kill` of the board stops the running cell too (its process has its own session)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        failed = board.run(args.only, args.protocol)
+        failed = board.run(args.only, args.protocol, args.dataset)
     except KeyboardInterrupt:
         print("interrupted: finished cells are cached; run again to compute the rest", file=sys.stderr)
         return 130
