@@ -7,14 +7,19 @@ Memory is torch's CPU allocations above the start of each merge (the profiler re
 the model and the adapters' LoRA factors are loaded before and not counted.
 """
 import argparse
+import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from recbole_weaverec import merging as M
-from recbole_weaverec.merging.streaming import FactorMerge, MergedDeltas, fold_merged
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.results import write_section  # noqa: E402
+from recbole_weaverec import merging as M  # noqa: E402
+from recbole_weaverec.merging.streaming import FactorMerge, MergedDeltas, fold_merged  # noqa: E402
 
 
 def peak_mib(fn):
@@ -48,6 +53,7 @@ def main():
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--adapters", type=int, default=3)
+    parser.add_argument("--write", action="store_true", help="write the section of benchmarks/RESULTS.md")
     args = parser.parse_args()
     config = LlamaConfig(vocab_size=1024, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
                          num_attention_heads=9, num_key_value_heads=3)
@@ -62,10 +68,18 @@ def main():
         "factor-form learned merge: FactorMerge": lambda: FactorMerge(deltas),
     }
     layer = 4 * config.hidden_size * config.intermediate_size / 2 ** 20
-    print(f"{args.layers} layers, {args.adapters} adapters of rank {args.rank}; largest ΔW {layer:.2f} MiB (fp32)")
+    load = os.getloadavg()[0]
+    lines = [f"Random Llama of SmolLM2-135M's shape, {args.layers} layers, {args.adapters} adapters of rank "
+             f"{args.rank}; largest ΔW {layer:.2f} MiB (fp32). Peak = torch's CPU allocations above the start of "
+             f"the merge (profiler events; the model and the adapters' factors are loaded before). Load average "
+             f"at start {load:.2f}: the times are indicative only, the memory is exact.", "",
+             "| path | peak MiB | seconds |", "|---|---|---|"]
     for name, fn in paths.items():
         mib, seconds = peak_mib(fn)
         print(f"{name:<66} peak {mib:9.1f} MiB  {seconds:6.2f} s")
+        lines.append(f"| {name} | {mib:.1f} | {seconds:.2f} |")
+    if args.write:
+        write_section("Merge memory (benchmarks/merge_memory.py)", "\n".join(lines))
 
 
 if __name__ == "__main__":
