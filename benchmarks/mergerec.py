@@ -6,10 +6,16 @@ epoch(s) per domain, ``--steps`` coefficient-learning steps. Evaluation: RecBole
 slice's catalogue, test split (leave-one-out). Fine-tuned domain models are cached, so a rerun only merges.
 
     python benchmarks/mergerec.py --users 400 --steps 200
+    python benchmarks/mergerec.py --cost [--cost-users 1500]   # merge learning vs one fine-tuning epoch
+
+``--cost``: the time and peak memory of one fine-tuning epoch per domain and of the merge learning (task- and
+layer-wise) on the bundled samples, as ratios; each phase in a fresh process, so no phase's memory hides another's.
 """
 import argparse
-import statistics
+import hashlib
+import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -22,6 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import recbole_weaverec  # noqa: E402,F401
+import torch  # noqa: E402
+
+from benchmarks.results import write_section  # noqa: E402
 
 DOMAINS = ["amazon-beauty", "amazon-sports", "amazon-toys", "amazon-pantry"]
 SHARED = REPO.parent / "shared" / "data"
@@ -60,6 +69,116 @@ class PeakRSS:
         self.peak_mb = self.peak / 2**20
 
 
+class PeakMemory(PeakRSS):
+    """PeakRSS, plus the CUDA allocator's peak growth (which RSS does not see) where a GPU is used."""
+
+    def __enter__(self):
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.cuda_start = torch.cuda.memory_allocated() if self.cuda else 0
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        super().__exit__(*exc)
+        cuda_mb = (torch.cuda.max_memory_allocated() - self.cuda_start) / 2**20 if self.cuda else None
+        self.stats = {"s": self.seconds, "mb": self.delta_mb if cuda_mb is None else cuda_mb, "cuda": self.cuda}
+
+
+SAMPLES = ["toys-sample", "beauty-sample", "sports-sample"]
+
+
+def _cost_finetune(cfg, domain):
+    """(child process) One fine-tuning epoch of ``domain``, measured alone (model, data and optimizer built before;
+    AdamW's state is made in the epoch and counted); the model is saved where the merge reads it."""
+    from recbole_weaverec.model.twotower import domains as dm
+    from recbole_weaverec.model.twotower.trainer import TextSeqRecTrainer
+    from recbole_weaverec.quick_start import build_config
+    from recbole_weaverec.textembed import resolve_encoder_path
+
+    config = build_config("MergeRec", domain, config_dict=cfg)
+    tconfig, epoch, out = dm.text_config(config), TextSeqRecTrainer._train_epoch, {}
+
+    def measured(self, train_data, *args, **kwargs):
+        with PeakMemory() as mem:
+            loss = epoch(self, train_data, *args, **kwargs)
+        out.update(mem.stats, detail=f"{len(train_data)} batches")
+        return loss
+
+    TextSeqRecTrainer._train_epoch = measured
+    model = dm.finetune_domain(tconfig)
+    path, _ = dm.finetuned_path(config, tconfig, resolve_encoder_path(tconfig["text_encoder_path"]))
+    dm.save_domain_model(path, model.tower.encoder.state_dict(), dm.encoder_meta(model, domain))
+    return out
+
+
+def _cost_merge(cfg, granularity):
+    """(child process) The merge of the saved domain models, measured from after every domain's data and item
+    texts are built: reading the models, task vectors, teachers, student items, learning loop, merged weights."""
+    from recbole.data import create_dataset
+    from recbole_weaverec.model.twotower.mergerec import MergePipeline, MergeRec
+    from recbole_weaverec.quick_start import build_config
+
+    config = build_config("MergeRec", SAMPLES[0], config_dict={**cfg, "merge_granularity": granularity})
+    pipe = MergePipeline(config, MergeRec(config, create_dataset(config).build()[0]).to(config["device"]))
+    [pipe.domain(d) for d in pipe.domains]  # the domains' data and item texts: built before the measure
+    with PeakMemory() as mem:
+        pipe.run()
+    t = pipe.timings
+    return {**mem.stats, "learning_s": t["teacher_s"] + t["student_items_s"] + t["learn_s"], "loop_s": t["learn_s"],
+            "detail": f"teachers {t['teacher_s']:.1f} s, student items {t['student_items_s']:.1f} s, loop "
+                      f"{t['learn_s']:.1f} s ({len(pipe.losses)} steps); whole merge {mem.seconds:.1f} s"}
+
+
+def cost(args):
+    """Merge learning vs one fine-tuning epoch in one run (``--cost``), each phase in a fresh process."""
+    import shutil
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+    from recbole_weaverec.testing import write_slice
+
+    work = Path(args.work)
+    data = work / f"cost-data-{args.cost_users}u-s{args.seed}"
+    for d in SAMPLES:
+        if not (data / d / f"{d}.inter").is_file():
+            write_slice(REPO / "recbole_weaverec" / "dataset", d, data, n_users=args.cost_users, seed=args.seed)
+    models = Path(tempfile.mkdtemp(prefix="cost-models-", dir=work))  # empty: every domain is really fine-tuned
+    cfg = {"data_path": str(data), "merge_domains": SAMPLES, "merge_cache_dir": str(models), "epochs": 1,
+           "train_batch_size": 32, "learning_rate": args.lr, "max_user_tokens": args.max_user_tokens,
+           "max_item_tokens": args.max_item_tokens, "max_attribute_tokens": args.max_attribute_tokens,
+           "max_seq_items": args.max_seq_items, "pooling": args.pooling, "merge_steps": args.steps,
+           "show_progress": False, "state": "WARNING", "seed": args.seed, "checkpoint_dir": str(models / "saved")}
+    rows = {}
+    try:
+        for name, fn, arg in [*((f"fine-tuning epoch: {d}", _cost_finetune, d) for d in SAMPLES),
+                              *((f"merge learning: {g}-wise", _cost_merge, g) for g in ("task", "layer"))]:
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+                rows[name] = pool.submit(fn, cfg, arg).result()
+            print(name, rows[name], flush=True)
+    finally:
+        shutil.rmtree(models, ignore_errors=True)
+    epochs = [r for n, r in rows.items() if n.startswith("fine-tuning")]
+    epoch_s, epoch_mb = statistics.mean(r["s"] for r in epochs), statistics.median(r["mb"] for r in epochs)
+    memory = "CUDA allocator" if epochs[0]["cuda"] else "resident set, sampled every 50 ms"
+    lines = [f"Bundled samples, {args.cost_users} users each (seed {args.seed}); TextSeqRec on the embedded MiniLM, "
+             f"batch 32, user text ≤ {args.max_user_tokens} tokens; merge: {args.steps} steps of 16 pseudo-users. "
+             f"Load average at the end: {os.getloadavg()[0]:.1f} (on a shared machine compare the ratios of one run, "
+             f"not times across runs). Memory: peak growth during the phase ({memory}).", "",
+             "| phase | s | peak growth MB | detail |", "|---|---|---|---|"]
+    lines += [f"| {n} | {r.get('learning_s', r['s']):.1f} | {r['mb']:.0f} | {r['detail']} |" for n, r in rows.items()]
+    lines += [""] + [f"- {n}: {r['learning_s'] / epoch_s:.2f}× the mean fine-tuning epoch's time (loop alone "
+                     f"{r['loop_s'] / epoch_s:.2f}×), {r['mb'] / max(epoch_mb, 1):.2f}× its median peak memory growth"
+                     for n, r in rows.items() if "learning_s" in r]
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        write_section("MergeRec: merge learning vs one fine-tuning epoch", body)
+
+
 def write_slices(out, users, seed):
     from recbole_weaverec.testing import write_slice
 
@@ -68,8 +187,7 @@ def write_slices(out, users, seed):
             write_slice(SHARED, d, out, n_users=users, seed=seed)
 
 
-def fmt(x):
-    return f"{x:.4f}"
+fmt = "{:.4f}".format
 
 
 def main(argv=None):
@@ -91,12 +209,15 @@ def main(argv=None):
     p.add_argument("--work", default="/tmp/mergerec_bench")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print only, do not touch RESULTS.md")
+    p.add_argument("--cost", action="store_true", help="merge learning vs one fine-tuning epoch (bundled samples)")
+    p.add_argument("--cost-users", type=int, default=1500, help="--cost: users per sample domain (all: 1500)")
     args = p.parse_args(argv)
+    if args.cost:
+        return cost(args)
 
     from recbole.data import create_dataset
     from recbole.utils import init_logger
 
-    from benchmarks.results import write_section
     from recbole_weaverec.model.twotower import domains as dm
     from recbole_weaverec.model.twotower.mergerec import MergePipeline, MergeRec
     from recbole_weaverec.quick_start import build_config
@@ -122,8 +243,6 @@ def main(argv=None):
     encoder_path = resolve_encoder_path(tconfig["text_encoder_path"])
 
     # (0) domain models, timed: one fine-tuning epoch per domain (time, peak memory); kept beside the cached models
-    import json
-
     stats_file = work / "models" / f"finetune-stats-{args.users}u.json"
     ft_stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
     for d in DOMAINS:
@@ -221,8 +340,6 @@ def main(argv=None):
             write_section("MergeRec: merging per-domain text two-tower models", body)
 
     # Every finished row is stored (per slice size and step count), so an interrupted run resumes where it stopped.
-    import hashlib
-
     # ... and per settings: rows measured with other fine-tuning or merging settings are never mixed in
     settings = {k: v for k, v in cfg.items() if k not in ("show_progress", "state", "checkpoint_dir")}
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -276,7 +393,6 @@ def main(argv=None):
             store.write_text(json.dumps({"results": results, "coefficients": coef_text, "learn": learn_stats},
                                         indent=1))
         report(done=all(n in results for n in order))
-
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """MergeRec: task vectors, TIES, pseudo-users, coefficient-only learning, KD loss, CLI, bad input (tiny models)."""
+import gc
 import math
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 
 from recbole_weaverec.config import ConfigError
+from recbole_weaverec.errors import MergeError
 from recbole_weaverec.data.itemtext import MissingTextFieldError
 from recbole_weaverec.merging import combine_task_vectors, prepare_task_vectors, task_vector
-from recbole_weaverec.model.twotower.distill import distill_loss, pseudo_users
+from recbole_weaverec.model.twotower.distill import distill_loss, one_item_history, pseudo_users
 from recbole_weaverec.quick_start import build_config, run
 
 from conftest import REPO, SHARED_DATA, needs_shared_data, write_tiny_dataset
@@ -45,20 +48,41 @@ def pipeline(world, **kw):
     return MergePipeline(config, model)
 
 
+def finetuned(pipe):
+    """{domain: fine-tuned encoder state}, read from the cache (the pipeline keeps none of them after run)."""
+    from recbole_weaverec.model.twotower.domains import domain_models
+
+    return {d: s for d, (s, _) in domain_models(pipe.config, pipe.tconfig, pipe.domains).items()}
+
+
 def test_task_vectors_round_trip(world, run_dir):
+    from recbole_weaverec.model.twotower.mergerec import coefficient_groups
+    from recbole_weaverec.model.twotower.stacked import StackedTaskVectors
+
     pipe = pipeline(world, merge_learn=False)
     pipe.run()
+    states = finetuned(pipe)
     base = pipe.model.base_state
     keys = [k for k, v in base.items() if v.is_floating_point()]
+    group_of, groups = coefficient_groups(keys)
+    stacked = StackedTaskVectors(base, keys, 2, group_of)  # layer-wise layout: keys reordered by group
+    with pytest.raises(MergeError, match=r"task vectors \[0, 1\] of 2 were never set"):
+        stacked.prepare("task_arithmetic", 0.2)
     for k, d in enumerate(pipe.domains):
-        tv = task_vector(pipe.finetuned[d], base, keys)
+        stacked.set_task_vector(k, states[d], base)
+    stacked.prepare("task_arithmetic", 0.2)
+    for k, d in enumerate(pipe.domains):
+        tv = task_vector(states[d], base, keys)
         assert any(v.abs().max() > 0 for v in tv.values())  # fine-tuning moved the weights
+        assert all(torch.equal(stacked.row(k)[key], tv[key]) for key in keys)
         onehot = torch.zeros(len(pipe.domains))
         onehot[k] = 1.0
-        back = combine_task_vectors(base, prepare_task_vectors([task_vector(pipe.finetuned[e], base, keys)
+        back = combine_task_vectors(base, prepare_task_vectors([task_vector(states[e], base, keys)
                                                                  for e in pipe.domains]), onehot)
-        for key in keys:  # θ_base + τ_k = θ_k
-            assert torch.allclose(back[key], pipe.finetuned[d][key], atol=1e-6)
+        flat = stacked.state(onehot.unsqueeze(1).repeat(1, len(groups)))
+        for key in keys:  # θ_base + τ_k = θ_k, both ways
+            assert torch.allclose(back[key], states[d][key], atol=1e-6)
+            assert torch.allclose(flat[key], states[d][key], atol=1e-6)
 
 
 def test_ties_trims_elects_and_takes_disjoint_mean():
@@ -82,7 +106,7 @@ def test_pseudo_users_one_sequence_per_item_per_domain():
 
 def test_learning_uses_pseudo_users_only_and_only_coefficients_get_gradients(world, run_dir):
     pipe = pipeline(world, merge_steps=2, merge_granularity="layer")
-    pipe.run()
+    pipe.run(keep_learner=True)
     learner = pipe.learner
     n_items = [pipe.domain(d)[0].n_items for d in pipe.domains]
     assert len(learner.users) == sum(n - 1 for n in n_items)  # one per item per domain, nothing else
@@ -121,18 +145,24 @@ def test_training_free_merges_equal_merging_module(world, run_dir):
     pipe.run()
     base = pipe.model.base_state
     keys = [k for k, v in base.items() if v.is_floating_point()]
-    expected = apply_task_vectors(base, [task_vector(pipe.finetuned[d], base, keys) for d in pipe.domains],
+    states = finetuned(pipe)
+    expected = apply_task_vectors(base, [task_vector(states[d], base, keys) for d in pipe.domains],
                                   torch.ones(2), method="ties", density=0.2)
     got = pipe.model.tower.encoder.state_dict()
     assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in keys)
     assert torch.equal(pipe.coefficients, torch.ones(2))
 
 
-def test_run_reports_every_domain_and_reuses_domain_models(world, run_dir, caplog):
+def test_run_reports_every_domain_and_reuses_domain_models(world, run_dir, caplog, monkeypatch):
     import logging
 
+    from recbole_weaverec.model.twotower.textseqrec import TextSeqRec
+
+    rows, predict = [], TextSeqRec.full_sort_predict  # the merged model's and every domain's evaluation
+    monkeypatch.setattr(TextSeqRec, "full_sort_predict", lambda m, inter: rows.append(len(inter)) or predict(m, inter))
     caplog.set_level(logging.INFO)
-    result = run("MergeRec", "tb", config_dict=cfg(world, state="INFO"))
+    result = run("MergeRec", "tb", config_dict=cfg(world, state="INFO", encode_batch_size=4))
+    assert max(rows) == 4 and sum(rows) >= 3 * 40  # 40 users each: valid (tb), test (tb, ta)...: 4 at a time
     assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
     assert set(result["domain_test_results"]) == {"ta", "tb"}  # quick_start passes a model's extra_results through
     assert result["domain_test_results"]["tb"] == result["test_result"]
@@ -157,7 +187,7 @@ def test_one_domain_is_refused(world, run_dir):
 
 def test_teachers_top_item_for_a_pseudo_user_is_that_item(world, run_dir):
     pipe = pipeline(world, merge_steps=1)
-    pipe.run()
+    pipe.run(keep_learner=True)
     learner = pipe.learner
     for d, name in enumerate(pipe.domains):
         n = pipe.domain(name)[0].n_items
@@ -170,7 +200,7 @@ def test_teachers_top_item_for_a_pseudo_user_is_that_item(world, run_dir):
 
 def test_distillation_loss_falls_on_a_fixed_batch(world, run_dir):
     pipe = pipeline(world, merge_steps=1, merge_lr=0.02, merge_batch_size=16)
-    pipe.run()
+    pipe.run(keep_learner=True)
     learner = pipe.learner
     batch = learner.next_batch()
     start = learner.coefficients.detach().clone()
@@ -183,14 +213,14 @@ def test_distillation_loss_falls_on_a_fixed_batch(world, run_dir):
 
 def test_layer_wise_others_group_gets_a_gradient(world, run_dir):
     pipe = pipeline(world, merge_steps=1, merge_granularity="layer")
-    pipe.run()
+    pipe.run(keep_learner=True)
     assert pipe.groups == ["others", "encoder.layer.0", "encoder.layer.1"]  # all non-layer parameters in one group
     learner = pipe.learner
     learner.optimizer.zero_grad()
     learner.loss(*learner.next_batch()).backward()
     assert (learner.coefficients.grad.abs() > 0).all()  # every domain × group, "others" included
     pipe = pipeline(world, merge_steps=1, merge_granularity="layer", merge_layer_groups="modules")
-    pipe.run()
+    pipe.run(keep_learner=True)
     learner = pipe.learner
     learner.optimizer.zero_grad()
     learner.loss(*learner.next_batch()).backward()
@@ -242,6 +272,111 @@ def test_domain_without_text_fields_is_named(world, run_dir):
     with pytest.raises(MissingTextFieldError, match="tnotext"):
         pipe = pipeline(world, merge_domains=["ta", "tnotext"], merge_learn=False, text_fields=["title", "categories"])
         pipe.run()
+
+
+def reference_loss(towers, teachers, student_items, params, domains, items):
+    """The previous implementation's loss: one student forward per domain of the batch, on combine_task_vectors."""
+    total = 0.0
+    for d in domains.unique().tolist():
+        sel = domains == d
+        it = items[sel]
+        user = towers[d].encode(towers[d].user_inputs(*one_item_history(it)), params=params)
+        teacher = teachers[d][it - 1] @ teachers[d].T
+        total = total + distill_loss(user @ student_items[d].T, teacher, 1000.0, 0.05) * sel.sum() / len(items)
+    return total
+
+
+def test_learned_merge_equals_the_per_domain_reference(world, run_dir):
+    """Stacked task vectors, teachers run on their weights and one forward per step give the previous numbers:
+    teachers from a separately loaded model per domain, per-parameter merges, per-domain forwards (recomputed)."""
+    from recbole_weaverec.model.twotower.domains import domain_text_config
+    from recbole_weaverec.model.twotower.mergerec import coefficient_groups
+    from recbole_weaverec.model.twotower.textseqrec import TextSeqRec
+    from recbole_weaverec.quick_start import prepare
+
+    pipe = pipeline(world, merge_steps=1, merge_granularity="layer")
+    pipe.run(keep_learner=True)
+    learner = pipe.learner
+    base, states = pipe.model.base_state, finetuned(pipe)
+    keys = [k for k, v in base.items() if v.is_floating_point()]
+    group_of, _ = coefficient_groups(keys)
+    prepared = prepare_task_vectors([task_vector(states[d], base, keys) for d in pipe.domains])
+    c0 = torch.full_like(learner.coefficients, 0.2)
+    init = combine_task_vectors(base, prepared, c0, group_of)
+    towers, teachers, student_items = [], [], []
+    for k, d in enumerate(pipe.domains):
+        dconfig = domain_text_config(pipe.tconfig, d)
+        net = TextSeqRec(dconfig, prepare(dconfig)[1]._dataset).eval()  # its own encoder, fine-tuned weights loaded
+        net.tower.encoder.load_state_dict(states[d])
+        items = torch.arange(1, net.n_items)
+        teachers.append(net.tower.encode_all(net.tower.user_inputs(*one_item_history(items)), 128))
+        student_items.append(net.tower.encode_all(net.tower.item_inputs(items), 128, params=init))
+        towers.append(net.tower)
+        assert torch.allclose(learner.teachers[k][0], teachers[k], atol=1e-5)
+        assert torch.allclose(learner.student_items[k], student_items[k], atol=1e-5)
+    ref = torch.nn.Parameter(c0.clone())
+    ref_opt = torch.optim.Adam([ref], lr=learner.optimizer.param_groups[0]["lr"])
+    learner.coefficients.data.copy_(c0)
+    learner.optimizer = torch.optim.Adam([learner.coefficients], lr=ref_opt.param_groups[0]["lr"])
+    mixed = 0
+    for _ in range(4):
+        batch = learner.next_batch()
+        mixed += batch[0].unique().numel() > 1
+        ref_opt.zero_grad()
+        learner.optimizer.zero_grad()
+        old = reference_loss(towers, teachers, student_items, combine_task_vectors(base, prepared, ref, group_of),
+                             *batch)
+        new = learner.loss(*batch)
+        (old + new).backward()  # two separate leaves: each gets its own loss's gradient
+        assert new.item() == pytest.approx(old.item(), rel=1e-5)
+        assert torch.allclose(learner.coefficients.grad, ref.grad, rtol=1e-3, atol=1e-6)
+        ref_opt.step()
+        learner.optimizer.step()
+    assert mixed  # batches with both domains: the single forward is compared with two
+    assert torch.allclose(learner.coefficients, ref, atol=1e-6)
+    got, want = learner.stacked.state(learner.coefficients), combine_task_vectors(base, prepared, ref, group_of)
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in keys)
+
+
+def test_one_forward_per_step_teachers_once_and_states_freed(world, run_dir, monkeypatch):
+    from recbole_weaverec.model.twotower import mergerec
+    from recbole_weaverec.model.twotower.distill import CoefficientLearner
+    from recbole_weaverec.model.twotower.stacked import StackedTaskVectors
+
+    refs, alive, matrices, per_step, batches = [], [], [], [], []
+    real_iter, real_prepare = mergerec.iter_domain_models, StackedTaskVectors.prepare
+    real_step = CoefficientLearner.step
+
+    def tracked(*args, **kwargs):  # is an earlier domain's fine-tuned state still alive when the next one comes?
+        for name, (state, meta) in real_iter(*args, **kwargs):
+            gc.collect()
+            alive.append(sum(r() is not None for r in refs))
+            refs.append(weakref.ref(next(iter(state.values()))))
+            yield name, (state, meta)
+
+    def step(self, batch=None):
+        batch, before = batch or self.next_batch(), len(calls)
+        batches.append(set(batch[0].tolist()))
+        out = real_step(self, batch)
+        per_step.append(len(calls) - before)
+        return out
+
+    monkeypatch.setattr(mergerec, "iter_domain_models", tracked)
+    monkeypatch.setattr(StackedTaskVectors, "prepare",
+                        lambda self, *a: matrices.append(weakref.ref(self.vectors)) or real_prepare(self, *a))
+    monkeypatch.setattr(CoefficientLearner, "step", step)
+    pipe = pipeline(world, merge_steps=3, merge_batch_size=8)
+    calls = []
+    pipe.model.tower.encoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    pipe.run()
+    assert per_step == [1, 1, 1] and any(len(b) == 2 for b in batches)  # one forward even for a mixed batch
+    passes = sum(math.ceil((pipe.domain(d)[0].n_items - 1) / 128) for d in pipe.domains)
+    # the teachers once (one-item users = the items' texts: one pass), the student's items once, then the steps
+    assert len(calls) == 2 * passes + 3
+    assert all(pipe.domain(d)[0].tower.encoder is pipe.model.tower.encoder for d in pipe.domains)  # one encoder
+    gc.collect()
+    assert alive == [0, 0] and not any(r() for r in refs)  # one fine-tuned state at a time, none kept
+    assert pipe.learner is None and matrices and matrices[0]() is None  # stacked task vectors freed after run
 
 
 @needs_shared_data()

@@ -265,3 +265,62 @@ def test_full_ranking_keeps_the_users_history_items(tiny_data, tiny_encoder, run
     seq = inter[model.ITEM_SEQ]
     history = scores.gather(1, seq)[seq > 0]
     assert torch.isfinite(history).all() and torch.isinf(scores[:, 0]).all()
+
+
+# ---- efficiency: chunked evaluation, bf16 on CUDA only, item inputs without a sync per item -------------------
+def test_full_ranking_scores_at_most_encode_batch_size_users_at_once(tiny_data, tiny_encoder, run_dir):
+    from recbole_weaverec.model.twotower.trainer import TextSeqRecTrainer, UserChunks
+
+    results, rows = {}, {}
+    for chunk in (3, 1000):
+        config, model, (_, _, test) = tiny_model(tiny_data, tiny_encoder, eval_mode="full", encode_batch_size=chunk)
+        assert len(next(iter(test))[0]) > 3  # the loader's batch holds more users than a chunk
+        predict = model.full_sort_predict
+        rows[chunk] = []
+        model.full_sort_predict = lambda inter: rows[chunk].append(len(inter)) or predict(inter)
+        results[chunk] = TextSeqRecTrainer(config, model.eval()).evaluate(test, load_best_model=False)
+        assert sum(len(b[0]) for b in UserChunks(test, chunk)) == len(test._dataset)  # every user once
+        assert len(list(UserChunks(test, chunk))) == len(UserChunks(test, chunk))
+    assert max(rows[3]) == 3 and sum(rows[3]) == sum(rows[1000]) and max(rows[1000]) > 3
+    assert results[3] == results[1000]  # the same users, the same positives: the same metrics
+
+
+def test_bf16_autocast_on_cuda_only(tiny_data, tiny_encoder, run_dir):
+    from recbole_weaverec.model.twotower.encoder import autocast_dtype
+
+    assert autocast_dtype("auto", "cuda") is torch.bfloat16 and autocast_dtype("auto", "cpu") is None
+    assert autocast_dtype("fp32", "cuda") is None and autocast_dtype("bf16", "cpu") is torch.bfloat16
+    embeddings = {}
+    for precision in ("auto", "fp32", "bf16"):
+        _, model, _ = tiny_model(tiny_data, tiny_encoder, precision=precision)
+        with torch.no_grad():
+            embeddings[precision] = model.eval().item_embeddings([1, 2, 3, 4])
+    assert torch.equal(embeddings["auto"], embeddings["fp32"])  # CPU: the fp32 path, unchanged
+    bf16 = embeddings["bf16"]  # the autocast path (as on a GPU), here on the CPU: fp32 out, close values
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, embeddings["fp32"])
+    assert (bf16 * embeddings["fp32"]).sum(-1).min() > 0.99
+    with pytest.raises(ConfigError, match="precision='fp16' is not allowed: expected one of auto, fp32, bf16"):
+        build_config("TextSeqRec", "tiny", config_dict=fast(tiny_data, tiny_encoder, precision="fp16"))
+
+
+def test_bf16_enters_the_domain_model_cache_key_only_where_it_runs(tiny_data, tiny_encoder, run_dir):
+    from recbole_weaverec.model.twotower.domains import cache_key
+
+    config = build_config("TextSeqRec", "tiny", config_dict=fast(tiny_data, tiny_encoder))
+    keys = {}
+    for precision, device in [("fp32", "cpu"), ("auto", "cpu"), ("bf16", "cpu"), ("auto", "cuda"), ("fp32", "cuda")]:
+        config["precision"], config["device"] = precision, torch.device(device)
+        keys[precision, device] = cache_key(config, tiny_encoder)
+    assert keys["fp32", "cpu"] == keys["auto", "cpu"] == keys["fp32", "cuda"]  # fp32 runs: the key they had
+    assert keys["bf16", "cpu"] == keys["auto", "cuda"] != keys["fp32", "cpu"]
+
+
+def test_item_inputs_read_a_tensor_once_not_once_per_item(tiny_data, tiny_encoder, run_dir, monkeypatch):
+    _, model, _ = tiny_model(tiny_data, tiny_encoder)
+    items = torch.tensor([3, 1, 2, 3])
+    expected = model.tower.item_inputs([3, 1, 2, 3])
+    reads = []
+    for name in ("__int__", "__index__", "item"):  # each is a device sync per element on a GPU tensor
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real: reads.append(1) or _real(self, *a))
+    assert model.tower.item_inputs(items) == expected and reads == []

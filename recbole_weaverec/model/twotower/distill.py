@@ -43,57 +43,63 @@ def distill_loss(student, teacher, kd_weight, kd_temperature):
 
 
 @torch.no_grad()
-def teacher_embeddings(model, batch_size):
-    """(pseudo-user embeddings [n-1, d], item embeddings [n-1, d]) of a fine-tuned domain model (items 1..n-1)."""
-    tower = model.tower
-    items = torch.arange(1, model.n_items)
+def teacher_embeddings(tower, n_items, batch_size, params=None):
+    """(pseudo-user embeddings [n-1, d], item embeddings [n-1, d], pseudo-user inputs) of domain model ``params`` on
+    ``tower``'s items 1..n-1, on the encoder's device; the item embeddings are the same tensor when every one-item
+    history is the item's own text (encoded once)."""
+    items = torch.arange(1, n_items)
     user_inputs = tower.user_inputs(*one_item_history(items))
-    item_inputs = tower.item_inputs(items.tolist())
-    users = tower.encode_all(user_inputs, batch_size, desc="teacher pseudo-users")
+    item_inputs = tower.item_inputs(items)
+    users = tower.encode_all(user_inputs, batch_size, params=params, desc="teacher pseudo-users")
     same = user_inputs == item_inputs  # a one-item history is usually the item's own text: encode once
-    catalogue = users if same else tower.encode_all(item_inputs, batch_size, desc="teacher items")
-    return users.cpu(), catalogue.cpu()
+    catalogue = users if same else tower.encode_all(item_inputs, batch_size, params=params, desc="teacher items")
+    return users, catalogue, user_inputs
 
 
 class CoefficientLearner:
     """Learns the merging coefficients c ([K] task-wise or [K, L] layer-wise) of θ = θ_base + Σ_k c_k·τ̂_k.
 
-    ``student`` is a TextSeqRec whose encoder weights are never trained: each step builds the merged weights from
-    the coefficients (``merging.combine_task_vectors``, differentiable in c) and runs the encoder on them with
-    ``functional_call``. Student item embeddings are encoded once with the initial merge and kept frozen.
+    ``stacked`` (``StackedTaskVectors``) builds the merged weights from c, differentiably; the encoder runs on them
+    with ``functional_call`` and its own weights are never trained. Each step is one encoder forward over the whole
+    batch, whatever domains its pseudo-users come from (all towers share one encoder and tokenizer; a tower only
+    holds its domain's item texts). The teachers' embeddings are computed before (``teacher_embeddings``) and kept
+    on the device; the student's item embeddings are encoded once with the initial merge and kept frozen.
     """
 
-    def __init__(self, student, base_state, prepared, init, layer_of, towers, teachers, lr, batch_size,
-                 kd_weight, kd_temperature, encode_batch_size, seed=0):
-        from recbole_weaverec.merging import combine_task_vectors
-
-        self.combine = combine_task_vectors
+    def __init__(self, student, stacked, init, towers, teachers, lr, batch_size, kd_weight, kd_temperature,
+                 encode_batch_size, seed=0):
         self.student = student
-        for p in student.parameters():
-            p.requires_grad_(False)
-        device = next(student.parameters()).device
-        self.base = {k: v.to(device) for k, v in base_state.items()}
-        self.prepared = [{k: v.to(device) for k, v in tv.items()} for tv in prepared]
-        self.layer_of = layer_of
+        encoder = towers[0].encoder
+        for module in (student, encoder):
+            for p in module.parameters():
+                p.requires_grad_(False)
+        encoder.eval()  # no dropout in the student, as the teachers had none
+        self.stacked = stacked
+        device = stacked.device
         self.coefficients = torch.nn.Parameter(init.clone().float().to(device))
         self.optimizer = torch.optim.Adam([self.coefficients], lr=lr)
         self.towers = towers  # per domain: the TextTower holding that domain's tokenised item texts
-        self.teachers = teachers  # per domain: (teacher pseudo-user emb, teacher item emb)
+        # per domain: (teacher pseudo-user emb, teacher item emb) on the device, moved once (one tensor when they
+        # are the same), and the pseudo-users' token ids, built once for the teacher
+        self.teachers, self.user_inputs = [], []
+        for users, items, inputs in teachers:
+            moved = users.to(device)
+            self.teachers.append((moved, moved if items is users else items.to(device)))
+            self.user_inputs.append(inputs)
         self.batch_size = batch_size
         self.kd_weight = kd_weight
         self.kd_temperature = kd_temperature
-        self.users = pseudo_users([t[1].shape[0] + 1 for t in teachers])
+        self.users = pseudo_users([t[1].shape[0] + 1 for t in self.teachers])
         self.generator = torch.Generator().manual_seed(seed)
         self._order, self._pos = None, 0
         with torch.no_grad():
             params = self.merged_params()
             self.student_items = [tower.encode_all(tower.item_inputs(range(1, t[1].shape[0] + 1)), encode_batch_size,
                                                    params=params, desc="student items")
-                                  for tower, t in zip(towers, teachers)]
+                                  for tower, t in zip(towers, self.teachers)]
 
     def merged_params(self, coefficients=None):
-        c = self.coefficients if coefficients is None else coefficients
-        return self.combine(self.base, self.prepared, c, self.layer_of)
+        return self.stacked.merged(self.coefficients if coefficients is None else coefficients)
 
     def next_batch(self):
         """Shuffled pass over all pseudo-users of all domains (a new permutation each epoch)."""
@@ -108,21 +114,21 @@ class CoefficientLearner:
         """Domain ``domain``'s teacher: cosine of each pseudo-user (one item) with every item 1..n-1 (column j = item
         j+1)."""
         t_user, t_items = self.teachers[domain]
-        device = self.coefficients.device
-        return t_user[items - 1].to(device) @ t_items.to(device).T
+        return t_user[items.to(t_user.device) - 1] @ t_items.T
 
     def loss(self, domains, items):
         params = self.merged_params()
+        inputs = [self.user_inputs[d][i - 1] for d, i in zip(domains.tolist(), items.tolist())]
+        user = self.towers[0].encode(inputs, params=params)  # the batch's one forward
         total = 0.0
         for d in domains.unique().tolist():
             sel = domains == d
             it = items[sel]
-            tower = self.towers[d]
-            user = tower.encode(tower.user_inputs(*one_item_history(it)), params=params)
+            student = user[sel.to(user.device)] @ self.student_items[d].T
             teacher = self.teacher_scores(d, it)
-            student = user @ self.student_items[d].T
             # per-domain mean weighted by its share: the batch loss is the mean over all pseudo-users
-            total = total + distill_loss(student, teacher, self.kd_weight, self.kd_temperature) * sel.sum() / len(items)
+            share = int(sel.sum())
+            total = total + distill_loss(student, teacher, self.kd_weight, self.kd_temperature) * share / len(items)
         return total
 
     def step(self, batch=None):

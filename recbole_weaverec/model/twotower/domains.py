@@ -61,10 +61,19 @@ def cache_key(dconfig, encoder_path):
     folder = dconfig["data_path"]  # RecBole's data_path is already data_path/dataset
     name = dconfig["dataset"]
     files = [os.path.join(folder, f"{name}.{ext}") for ext in ("inter", "item")]
+    settings = {k: dconfig[k] for k in TRAINING_KEYS}
+    if training_autocast(dconfig) is not None:  # only then: fp32 runs keep the keys they had before the option
+        settings["precision"] = "bf16"
     payload = {"domain": name, "files": [_file_stamp(f) for f in files if os.path.isfile(f)],
-               "encoder": encoder_identity(encoder_path),
-               "settings": {k: dconfig[k] for k in TRAINING_KEYS}}
+               "encoder": encoder_identity(encoder_path), "settings": settings}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def training_autocast(dconfig):
+    """The autocast dtype fine-tuning runs in on this config's device (None: fp32)."""
+    from recbole_weaverec.model.twotower.encoder import autocast_dtype
+
+    return autocast_dtype(dconfig["precision"] or "auto", torch.device(dconfig["device"]).type)
 
 
 def default_cache_dir():
@@ -185,32 +194,38 @@ def finetune_domain(dconfig, show_progress=False, epoch_times=None):
 
 def domain_models(config, tconfig, domains, show_progress=False):
     """{domain: (encoder state dict, meta)}: loaded when saved before, else fine-tuned on that domain only."""
+    return dict(iter_domain_models(config, tconfig, domains, show_progress))
+
+
+def iter_domain_models(config, tconfig, domains, show_progress=False):
+    """(domain, (encoder state dict, meta)) one domain at a time. Every missing model is fine-tuned and saved first,
+    one in memory at a time; then each is read again when its turn comes, so a caller that drops each state before
+    the next holds one fine-tuned state, not all of them."""
     from recbole_weaverec.textembed import resolve_encoder_path
 
-    logger = getLogger()
     encoder_path = resolve_encoder_path(tconfig["text_encoder_path"])
-    out = {}
+    paths = {name: _obtain(config, tconfig, name, encoder_path, show_progress) for name in domains}
     for name in domains:
-        dconfig = domain_text_config(tconfig, name)
-        path, writable = finetuned_path(config, dconfig, encoder_path)
-        saved = _reuse(path, name, writable, config["merge_finetune"]) if path.is_file() else None
-        if saved is not None:
-            state, meta = saved
-            logger.info(f"MergeRec: domain {name}: reusing fine-tuned model {path}")
-        else:
-            if not config["merge_finetune"]:
-                raise FileNotFoundError(f"no fine-tuned model for domain {name!r} at {path} and merge_finetune is "
-                                        f"False")
-            logger.info(f"MergeRec: domain {name}: fine-tuning TextSeqRec on its own data")
-            model = finetune_domain(dconfig, show_progress)
-            state = {f"{k}": v for k, v in model.tower.encoder.state_dict().items()}
-            meta = encoder_meta(model, name)
-            if writable:
-                save_domain_model(path, state, meta)
-                logger.info(f"MergeRec: domain {name}: saved to {path}")
-            del model
-        out[name] = (state, meta)
-    return out
+        yield name, load_domain_model(paths[name])
+
+
+def _obtain(config, tconfig, name, encoder_path, show_progress):
+    """The path of one domain's good saved model: reused (checked by reading it) or fine-tuned and saved."""
+    logger = getLogger()
+    dconfig = domain_text_config(tconfig, name)
+    path, writable = finetuned_path(config, dconfig, encoder_path)
+    saved = _reuse(path, name, writable, config["merge_finetune"]) if path.is_file() else None
+    if saved is not None:
+        logger.info(f"MergeRec: domain {name}: reusing fine-tuned model {path}")
+        return path
+    if not config["merge_finetune"]:
+        raise FileNotFoundError(f"no fine-tuned model for domain {name!r} at {path} and merge_finetune is False")
+    logger.info(f"MergeRec: domain {name}: fine-tuning TextSeqRec on its own data")
+    model = finetune_domain(dconfig, show_progress)
+    # always writable here: only a file given in merge_finetuned is not, and it exists (read above or refused)
+    save_domain_model(path, model.tower.encoder.state_dict(), encoder_meta(model, name))
+    logger.info(f"MergeRec: domain {name}: saved to {path}")
+    return path
 
 
 def _reuse(path, name, writable, finetune):

@@ -4,11 +4,15 @@ Item texts are tokenised once: each attribute value ("title", "brand", "category
 on its own, as the MergeRec authors do, so a long title cannot push brand and category out; the joined labelled text
 is then optionally cut to ``max_item_tokens`` as a whole. A user's input is built from those token ids (most recent
 item first, joined by the tokenised "; ", cut to ``max_user_tokens``), so no batch re-tokenises text. ``params``
-lets a caller run the encoder with other weights (e.g. merged weights that depend on learnable coefficients)
-through ``torch.func.functional_call`` without touching the module's own parameters.
+lets a caller run the encoder with other weights (e.g. merged weights that depend on learnable coefficients, or a
+domain's fine-tuned weights) through ``torch.func.functional_call`` without touching the module's own parameters,
+and ``encoder`` lets several towers (one per domain's item texts) share one encoder module.
+``precision``: ``auto`` runs the encoder under bf16 autocast on CUDA and in fp32 elsewhere (the CPU path is the
+plain fp32 one), ``fp32`` never autocasts, ``bf16`` autocasts on any device; pooled embeddings are always fp32.
 """
 import json
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,14 @@ from torch.func import functional_call
 from recbole_weaverec.textembed import mean_pool
 
 POOLINGS = ("cls", "mean")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast_dtype(precision, device_type):
+    """torch.bfloat16 where ``precision`` asks for bf16 autocast on ``device_type``, else None (fp32)."""
+    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 def default_pooling(encoder_path):
@@ -48,14 +60,16 @@ class TextTower(torch.nn.Module):
     """``items``: per internal item id, a list of (label, value) attributes ([] for the padding item)."""
 
     def __init__(self, encoder_path, items, max_item_tokens, max_user_tokens, max_seq_items,
-                 max_attribute_tokens=None, pooling=None):
+                 max_attribute_tokens=None, pooling=None, precision="auto", encoder=None):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
         self.encoder_path = encoder_path
         self.tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-        self.encoder = AutoModel.from_pretrained(encoder_path)
+        # a shared module is not loaded again: MergeRec's per-domain towers all run the one merged encoder
+        self.encoder = encoder if encoder is not None else AutoModel.from_pretrained(encoder_path)
         self.pooling = pooling or default_pooling(encoder_path)
+        self.precision = precision or "auto"
         self.max_user_tokens = int(max_user_tokens)
         self.max_seq_items = int(max_seq_items)
         texts = [attribute_text(self.tokenizer, attrs, max_attribute_tokens) for attrs in items]
@@ -78,7 +92,9 @@ class TextTower(torch.nn.Module):
         return self.prefix + ids[:max(budget - len(self.prefix) - len(self.suffix), 0)] + self.suffix
 
     def item_inputs(self, items):
-        return [self.prefix + self.item_ids[int(i)] + self.suffix for i in items]
+        if torch.is_tensor(items):
+            items = items.tolist()  # one transfer for the batch: int() per element would sync a GPU once per item
+        return [self.prefix + self.item_ids[i] + self.suffix for i in items]
 
     def user_inputs(self, item_seq, item_seq_len):
         """Token ids per user: history most recent first, at most max_seq_items items, joined by "; "."""
@@ -108,11 +124,14 @@ class TextTower(torch.nn.Module):
         device = next(self.encoder.parameters()).device
         batch = self.tokenizer.pad({"input_ids": inputs}, return_tensors="pt").to(device)
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if params is None:
-            hidden = self.encoder(**kwargs).last_hidden_state
-        else:
-            hidden = functional_call(self.encoder, params, args=(), kwargs=kwargs, strict=False).last_hidden_state
-        return F.normalize(self.pool(hidden, batch["attention_mask"]), dim=-1)
+        dtype = autocast_dtype(self.precision, device.type)
+        with torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext():
+            if params is None:
+                hidden = self.encoder(**kwargs).last_hidden_state
+            else:
+                hidden = functional_call(self.encoder, params, args=(), kwargs=kwargs, strict=False).last_hidden_state
+        # pooling, normalisation and every score after them in fp32, whatever the encoder ran in
+        return F.normalize(self.pool(hidden.float(), batch["attention_mask"]), dim=-1)
 
     @torch.no_grad()
     def encode_all(self, inputs, batch_size, params=None, progress=False, desc="encoding items"):

@@ -21,8 +21,10 @@ from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.crossdomain import domain_list
 from recbole_weaverec.checks import check_bool, check_choice, check_int, check_number, name_list
 from recbole_weaverec.model.twotower.domains import (DomainModelMismatchError, check_same_encoder,
-                                                     domain_models, domain_text_config, encoder_meta, text_config)
+                                                     domain_text_config, encoder_meta, iter_domain_models,
+                                                     text_config)
 from recbole_weaverec.model.twotower.textseqrec import TextSeqRec
+from recbole_weaverec.model.twotower.trainer import ChunkedEvaluation
 
 MERGE_INITS = ("task_arithmetic", "ties", "average")
 GRANULARITIES = ("task", "layer")
@@ -52,7 +54,7 @@ def coefficient_groups(keys, grouping="others"):
     return group_of, names
 
 
-class MergeRecTrainer(Trainer):
+class MergeRecTrainer(ChunkedEvaluation, Trainer):
     """Runs steps (0)–(3) in ``fit`` and evaluates the merged model on every domain in ``evaluate``."""
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
@@ -62,7 +64,7 @@ class MergeRecTrainer(Trainer):
             self._save_checkpoint(0, verbose=verbose)
         result = None
         if valid_data is not None:
-            result = Trainer.evaluate(self, valid_data, load_best_model=False, show_progress=show_progress)
+            result = ChunkedEvaluation.evaluate(self, valid_data, load_best_model=False, show_progress=show_progress)
             self.best_valid_score = result[self.valid_metric]
         self.best_valid_result = result
         return self.best_valid_score, result
@@ -94,66 +96,81 @@ class MergePipeline:
         self.domains = domain_list(config, "merge_domains", required=True, min_len=2, allow_target=True)
         self.logger = getLogger()
         self.timings = {}
-        self._domain = {}  # name -> (TextSeqRec of that domain, its test dataloader)
+        self.learner = None
+        self._domain = {}  # name -> (TextSeqRec of that domain, its test dataloader, its config)
 
-    # ---- per-domain TextSeqRec instances (item texts of that domain; weights replaced as needed) ------------
+    # ---- per-domain TextSeqRec instances: that domain's item texts and test split, all on the merged encoder ---
     def domain(self, name):
         if name not in self._domain:
             from recbole_weaverec.quick_start import prepare
 
             dconfig = domain_text_config(self.tconfig, name)
             _, train, _, test = prepare(dconfig)
-            net = TextSeqRec(dconfig, train._dataset).to(dconfig["device"]).eval()
+            # no encoder of its own: teachers and student run on given weights, evaluation on the merged ones
+            net = TextSeqRec(dconfig, train._dataset, encoder=self.model.tower.encoder).to(dconfig["device"]).eval()
             self._domain[name] = (net, test, dconfig)
         return self._domain[name]
 
-    def run(self):
+    def run(self, keep_learner=False):
+        """Steps (0)–(3); the merged weights end up in ``self.model``. Each domain's fine-tuned state is read, turned
+        into its row of the stacked task vectors (and, when learning, its teacher's embeddings) and dropped before
+        the next; the stacked vectors and the learner go once the merge is built (``keep_learner`` keeps the
+        learner, e.g. to inspect or step it)."""
+        from recbole_weaverec.model.twotower.distill import teacher_embeddings
+        from recbole_weaverec.model.twotower.stacked import StackedTaskVectors
+        from recbole_weaverec.merging import AdapterMismatchError
+
         config = self.config
-        # (0) domain models, each from its own data only
-        start = time.perf_counter()
-        states = domain_models(config, self.tconfig, self.domains, self.show_progress)
-        self.timings["domain_models_s"] = time.perf_counter() - start
-        base_meta = encoder_meta(self.model, "pretrained base encoder")
-        metas = [states[d][1] for d in self.domains]
-        for meta in metas[1:]:
-            check_same_encoder(metas[0], meta)
-        check_same_encoder(base_meta, metas[0])
-        self.finetuned = {d: states[d][0] for d in self.domains}
-
-        # (1) task vectors + merge initialisation
-        from recbole_weaverec.merging import AdapterMismatchError, prepare_task_vectors, task_vector
-
+        learn = bool(config["merge_learn"]) and config["merge_steps"] > 0
         base = self.model.base_state
         keys = [k for k, v in base.items() if v.is_floating_point()]
-        tvs = []
-        for d in self.domains:
+        group_of, groups = coefficient_groups(keys, config["merge_layer_groups"])
+        layer = config["merge_granularity"] == "layer"
+        device = next(self.model.parameters()).device
+        stacked = StackedTaskVectors(base, keys, len(self.domains), group_of if layer else None, device)
+        base_meta = encoder_meta(self.model, "pretrained base encoder")
+        first, teachers = None, []
+        self.timings.update(domain_models_s=0.0, teacher_s=0.0)
+        start = time.perf_counter()
+        # (0) + (1) domain models, each from its own data only, one at a time -> task vectors
+        # (no enumerate: its cached result tuple would keep the previous state alive while the next one is read)
+        for d, (state, meta) in iter_domain_models(config, self.tconfig, self.domains, self.show_progress):
+            i = self.domains.index(d)
+            check_same_encoder(*((base_meta, meta) if first is None else (first, meta)))
+            first = first or meta
             try:
-                tvs.append(task_vector(self.finetuned[d], base, keys))
+                stacked.set_task_vector(i, state, base)
             except AdapterMismatchError as e:
                 raise DomainModelMismatchError(f"domain {d!r} does not fine-tune the base encoder "
                                                f"{self.model.encoder_path}: {e}") from None
+            if learn:  # (2) domain k's own fine-tuned model = teacher k, run on its weights, not loaded
+                t0 = time.perf_counter()
+                net = self.domain(d)[0]
+                params = {k: v.to(device) for k, v in state.items()}
+                teachers.append(teacher_embeddings(net.tower, net.n_items, net.encode_batch_size, params=params))
+                del params
+                self.timings["teacher_s"] += time.perf_counter() - t0
+            del state
+        self.timings["domain_models_s"] = time.perf_counter() - start - self.timings["teacher_s"]
         method = config["merge_init"]
-        prepared = prepare_task_vectors(tvs, method=method, density=config["merge_density"])
-        del tvs
-        group_of, groups = coefficient_groups(keys, config["merge_layer_groups"])
+        stacked.prepare(method, config["merge_density"])
         k = len(self.domains)
         value = config["merge_coefficient"]
         if value is None:
             value = DEFAULT_COEFFICIENT.get(method, 1.0 / k)
-        shape = (k,) if config["merge_granularity"] == "task" else (k, len(groups))
-        coefficients = torch.full(shape, float(value))
+        coefficients = torch.full((k, len(groups)) if layer else (k,), float(value))
         self.groups = groups
 
-        # (2) + (3) learn the coefficients from pseudo-users
-        if config["merge_learn"] and config["merge_steps"] > 0:
-            coefficients = self.learn(base, prepared, coefficients, group_of)
-        from recbole_weaverec.merging import combine_task_vectors
-
-        with torch.no_grad():
-            merged = combine_task_vectors(base, prepared, coefficients, group_of)
+        # (3) learn the coefficients from pseudo-users
+        if learn:
+            coefficients = self.learn(stacked, coefficients, teachers)
         self.coefficients = coefficients.detach().cpu()
-        self.model.tower.encoder.load_state_dict(merged)
+        self.model.tower.encoder.load_state_dict(stacked.state(coefficients.to(device)))
         self.model.invalidate_item_cache()
+        for net, _, _ in self._domain.values():
+            net.invalidate_item_cache()
+        if not keep_learner:
+            self.learner = None  # frees the stacked task vectors and the teachers' embeddings
         self.logger.info(set_color("MergeRec coefficients", "blue") + f" ({method}, {config['merge_granularity']}, "
                          f"domains {self.domains}): {self._format_coefficients()}")
 
@@ -164,24 +181,20 @@ class MergePipeline:
         return "; ".join(f"{d}: mean {row.mean():.4f} (min {row.min():.4f}, max {row.max():.4f})"
                          for d, row in zip(self.domains, c))
 
-    def learn(self, base, prepared, coefficients, group_of):
+    def learn(self, stacked, coefficients, teachers):
         from tqdm.auto import tqdm
 
-        from recbole_weaverec.model.twotower.distill import CoefficientLearner, teacher_embeddings
+        from recbole_weaverec.model.twotower.distill import CoefficientLearner
 
         config = self.config
         start = time.perf_counter()
-        teachers, towers = [], []
-        for d in self.domains:
-            net, _, _ = self.domain(d)
-            net.tower.encoder.load_state_dict(self.finetuned[d])  # domain k's own fine-tuned model = teacher k
-            teachers.append(teacher_embeddings(net, net.encode_batch_size))
-            towers.append(net.tower)
-        self.timings["teacher_s"] = time.perf_counter() - start
-        learner = CoefficientLearner(self.model, base, prepared, coefficients, group_of, towers, teachers,
-                                     lr=config["merge_lr"], batch_size=config["merge_batch_size"],
-                                     kd_weight=config["kd_weight"], kd_temperature=config["kd_temperature"],
+        towers = [self.domain(d)[0].tower for d in self.domains]
+        learner = CoefficientLearner(self.model, stacked, coefficients, towers, teachers, lr=config["merge_lr"],
+                                     batch_size=config["merge_batch_size"], kd_weight=config["kd_weight"],
+                                     kd_temperature=config["kd_temperature"],
                                      encode_batch_size=self.model.encode_batch_size, seed=config["seed"])
+        teachers.clear()  # the learner holds them (on the device) from here
+        self.timings["student_items_s"] = time.perf_counter() - start
         start = time.perf_counter()
         losses = []
         for step in tqdm(range(config["merge_steps"]), desc="learning merge coefficients",
@@ -204,12 +217,26 @@ class MergePipeline:
             results[d] = self.evaluate_state(d, state, show_progress)
         return results
 
+    @torch.no_grad()
     def evaluate_state(self, name, state, show_progress=False):
+        """Domain ``name``'s test result for encoder weights ``state``. The domain towers run the merged model's
+        encoder module, so other weights are loaded into it for the evaluation and the merged ones put back."""
+        from recbole_weaverec.model.twotower.trainer import TextSeqRecTrainer
+
         net, test, dconfig = self.domain(name)
-        net.tower.encoder.load_state_dict(state)
-        net.invalidate_item_cache()
-        trainer = Trainer(dconfig, net)
-        return trainer.evaluate(test, load_best_model=False, show_progress=show_progress)
+        encoder = net.tower.encoder
+        own = encoder.state_dict()
+        other = any(own[k].data_ptr() != v.data_ptr() for k, v in state.items() if k in own)
+        kept = {k: v.clone() for k, v in own.items()} if other else None
+        try:
+            encoder.load_state_dict(state)
+            net.invalidate_item_cache()
+            return TextSeqRecTrainer(dconfig, net).evaluate(test, load_best_model=False, show_progress=show_progress)
+        finally:
+            if kept is not None:
+                encoder.load_state_dict(kept)
+                net.invalidate_item_cache()
+                self.model.invalidate_item_cache()
 
     def log_results(self, results):
         metrics = list(next(iter(results.values())).keys())

@@ -4,7 +4,9 @@ User tower: the encoder over the history's item texts ("title: … brand: … ca
 "; "). Item tower: the same encoder over each item's text. CLS or mean pooling (``pooling``), score = cosine /
 temperature. Trained with in-batch softmax (or a full softmax over cached catalogue embeddings) by RecBole's trainer
 with gradient accumulation and a warmup + linear decay schedule (``trainer.py``). For evaluation the catalogue is
-encoded once and cached until the next training step or weight load.
+encoded once and cached until the next training step or weight load; users are encoded ``encode_batch_size`` at a
+time and the trainer scores at most that many users at once (``trainer.ChunkedEvaluation``). ``precision: auto``
+runs the encoder under bf16 autocast on CUDA only (``encoder.autocast_dtype``).
 """
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ from recbole_weaverec.config import ConfigError
 from recbole_weaverec.data.itemtext import FIELD_LABELS, MissingTextFieldError, check_fields, field_values
 from recbole_weaverec.checks import check_choice, check_int, check_number, name_list
 from recbole_weaverec.model.abstract import ModelHooks
-from recbole_weaverec.model.twotower.encoder import POOLINGS, TextTower
+from recbole_weaverec.model.twotower.encoder import POOLINGS, PRECISIONS, TextTower
 from recbole_weaverec.model.twotower.trainer import LR_SCHEDULES, TextSeqRecTrainer
 from recbole_weaverec.textembed import resolve_encoder_path
 
@@ -52,6 +54,7 @@ class TextSeqRec(ModelHooks, SequentialRecommender):
             raise ConfigError(f"pooling={config['pooling']!r} is not allowed: expected cls, mean or ~ (mean for a "
                               f"mean-pooling sentence-transformers encoder such as the embedded MiniLM, else cls)")
         check_choice(config, "lr_schedule", LR_SCHEDULES)
+        check_choice(config, "precision", PRECISIONS)
         check_number(config, "warmup_ratio", low=0, high=1)
         check_int(config, "warmup_steps", low=0, allow_none=True)
         fields = name_list(config["text_fields"])
@@ -59,7 +62,8 @@ class TextSeqRec(ModelHooks, SequentialRecommender):
             raise ConfigError(f"text_fields={config['text_fields']!r} is not allowed: expected a non-empty list of "
                               f"item field names, e.g. [title, brand, categories]")
 
-    def __init__(self, config, dataset):
+    def __init__(self, config, dataset, encoder=None):
+        """``encoder``: an encoder module to share instead of loading one (MergeRec's per-domain towers)."""
         super().__init__(config, dataset)
         TextSeqRec.validate_config(config)  # (MergeRec checks its own keys; these are the towers')
         fields = list(name_list(config["text_fields"]))
@@ -75,7 +79,7 @@ class TextSeqRec(ModelHooks, SequentialRecommender):
         self.encoder_path = resolve_encoder_path(config["text_encoder_path"])
         self.tower = TextTower(self.encoder_path, items, config["max_item_tokens"], config["max_user_tokens"],
                                config["max_seq_items"], max_attribute_tokens=config["max_attribute_tokens"],
-                               pooling=config["pooling"])
+                               pooling=config["pooling"], precision=config["precision"], encoder=encoder)
         self._item_cache = None  # all item embeddings for evaluation (no grad)
         self._train_catalogue = None  # detached catalogue for the full softmax, refreshed every N steps
         self._steps = 0
@@ -134,7 +138,12 @@ class TextSeqRec(ModelHooks, SequentialRecommender):
     # --- scoring --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def full_sort_predict(self, interaction):
-        return self.user_embeddings(interaction) @ self._cached_items().T / self.temperature
+        # users in chunks of encode_batch_size: a large evaluation batch never runs the encoder on all of it at once
+        seq, seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        n, step = len(seq_len), self.encode_batch_size
+        user = torch.cat([self.tower.encode(self.tower.user_inputs(seq[s:s + step], seq_len[s:s + step]))
+                          for s in range(0, n, step)]) if n > step else self.user_embeddings(interaction)
+        return user @ self._cached_items().T / self.temperature
 
     @torch.no_grad()
     def predict(self, interaction):

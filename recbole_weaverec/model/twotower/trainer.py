@@ -6,19 +6,64 @@
 - learning-rate schedule per optimizer step: ``lr_schedule: linear`` = linear warmup over ``warmup_steps`` (or
   ``warmup_ratio`` of the planned steps) then linear decay to 0 at the last planned step
   (``transformers.get_linear_schedule_with_warmup``); ``constant`` = RecBole's fixed rate.
+- full-ranking evaluation in chunks of ``encode_batch_size`` users (``ChunkedEvaluation``).
 Early stopping on ``valid_metric`` (default NDCG@10) after ``stopping_step`` evaluations without gain, keeping the
 best checkpoint, is RecBole's own ``fit``.
 """
 import math
 
 import torch
+from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.trainer import Trainer
 from torch.nn.utils.clip_grad import clip_grad_norm_
 
 LR_SCHEDULES = ("linear", "constant")
 
 
-class TextSeqRecTrainer(Trainer):
+class UserChunks(FullSortEvalDataLoader):
+    """A sequential full-sort loader's batches cut into chunks of at most ``users`` users.
+
+    RecBole's loader gives a sequential model ``eval_batch_size`` users per batch, and quick_start sizes that from the
+    catalogue for general models (256 × n_items), so a TextSeqRec batch can hold every test user: the users × items
+    score matrix and the collector's matrices of the same shape then grow with the whole split. Each chunk is what
+    the loader would yield with a smaller batch (rows, and the positives re-indexed to them), so metrics are equal.
+    Only iteration is replaced; the torch DataLoader machinery of ``loader`` does the loading.
+    """
+
+    def __init__(self, loader, users):  # the DataLoader's own __init__ is not run: nothing is loaded twice
+        self.loader, self.users = loader, int(users)
+        self._dataset = loader._dataset
+
+    def __len__(self):
+        n, step = self.loader.sample_size, self.loader.step
+        full, rest = divmod(n, step)
+        return full * math.ceil(step / self.users) + math.ceil(rest / self.users)
+
+    def __iter__(self):
+        for interaction, history, positive_u, positive_i in self.loader:
+            n = len(interaction)
+            if history is not None or n <= self.users:  # (a general model's batch: users already few per batch)
+                yield interaction, history, positive_u, positive_i
+                continue
+            for start in range(0, n, self.users):
+                end = min(start + self.users, n)
+                keep = (positive_u >= start) & (positive_u < end)
+                yield interaction[start:end], None, positive_u[keep] - start, positive_i[keep]
+
+
+class ChunkedEvaluation:
+    """Trainer mixin: full-ranking evaluation scores at most the model's ``encode_batch_size`` users at once
+    (``UserChunks``); the model's, as MergeRec's own config does not hold TextSeqRec's keys."""
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        users = getattr(self.model, "encode_batch_size", None)
+        if users and isinstance(eval_data, FullSortEvalDataLoader) and not isinstance(eval_data, UserChunks) \
+                and eval_data.is_sequential:
+            eval_data = UserChunks(eval_data, users)
+        return super().evaluate(eval_data, load_best_model, model_file, show_progress)
+
+
+class TextSeqRecTrainer(ChunkedEvaluation, Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.accumulation = int(config["gradient_accumulation_steps"] or 1)
