@@ -401,8 +401,10 @@ def test_cell_hash_covers_defaults_data_and_code(data, tmp_path, monkeypatch):
 def test_cells_are_recomputed_only_when_code_they_ran_changes(tiny_data, tmp_path, monkeypatch):
     """A cell records the package files its process imported and the defaults its config looked for; editing one of
     them (and only those), or adding a default it looked for, recomputes it."""
+    from recbole_weaverec import config as config_module
     from recbole_weaverec.quick_start import build_config
 
+    monkeypatch.setattr(config_module, "DEFAULTS_READ", set())  # as in a cell's own process: this config only
     build_config("EASE", "tiny", config_dict={"data_path": str(tiny_data)})
     loaded = fingerprint.loaded_code()
     assert {"model/lae/ease.py", "quick_start.py", "properties/overall.yaml", "properties/model/EASE.yaml"} <= set(
