@@ -46,19 +46,8 @@ class Leaderboard:
         return with_params(cell, record["params"]), record
 
     def select(self, only=None, protocols=None, datasets=None):
-        cells = list(self.cells)
-        if datasets:
-            bad = [d for d in datasets if d not in self.cfg["datasets"]]
-            if bad:
-                raise LeaderboardConfigError(f"--dataset {bad[0]!r} is not a dataset of this board: "
-                                             f"{', '.join(self.cfg['datasets'])}")
-            cells = [c for c in cells if c["dataset"] in datasets]
-        if protocols:
-            bad = [p for p in protocols if p not in self.cfg["protocols"]]
-            if bad:
-                raise LeaderboardConfigError(f"--protocol {bad[0]!r} is not a table of this board: "
-                                             f"{', '.join(self.cfg['protocols'])}")
-            cells = [c for c in cells if c["protocol"] in protocols]
+        cells = _keep(self.cells, "dataset", datasets, self.cfg["datasets"], "a dataset")
+        cells = _keep(cells, "protocol", protocols, self.cfg["protocols"], "a table")
         if not only:
             return cells
         names = {c["model"] for c in self.cells} | {c["label"] for c in self.cells}
@@ -165,3 +154,13 @@ def _group(cell):
 
 def _values(params):
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _keep(cells, field, wanted, allowed, what):
+    """The cells whose ``field`` is one of ``wanted`` (all when none is asked); a value the board lacks is refused."""
+    if not wanted:
+        return list(cells)
+    bad = [v for v in wanted if v not in allowed]
+    if bad:
+        raise LeaderboardConfigError(f"--{field} {bad[0]!r} is not {what} of this board: {', '.join(allowed)}")
+    return [c for c in cells if c[field] in wanted]

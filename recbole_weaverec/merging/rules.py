@@ -25,7 +25,20 @@ class LazyDeltas(Mapping):
         raise NotImplementedError
 
 
-class WeightedDeltas(LazyDeltas):
+class MergeOfDeltas(LazyDeltas):
+    """A lazy merge of K compatible delta sources (``_deltas``) over their shared modules (``_keys``)."""
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def shape(self, key):
+        return _shape(self._deltas[0], key)
+
+
+class WeightedDeltas(MergeOfDeltas):
     """Σ_i w_i·ΔW_i per module with peft's task arithmetic, computed on access. ``weights``: None (1/K, the
     average), K numbers, or {module: K numbers} (a row per module, as WeaveRec's learned merge)."""
 
@@ -43,15 +56,6 @@ class WeightedDeltas(LazyDeltas):
         tensors = [d[key].float() for d in self._deltas]
         with torch.no_grad():
             return merge_utils.task_arithmetic(tensors, self._rows[key].to(tensors[0].device))
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-    def shape(self, key):
-        return _shape(self._deltas[0], key)
 
 
 def _shape(deltas, key):

@@ -22,8 +22,8 @@ from torch import nn
 from recbole_weaverec.errors import AdapterMismatchError, MergeError
 from recbole_weaverec.merging.adapters import LoraDeltas
 from recbole_weaverec.merging.apply import _resolve_all, patched
-from recbole_weaverec.merging.rules import (MERGE_METHODS, SIGN_METHODS, LazyDeltas, _check_density, _check_method,
-                                            _shape, _weights, check_compatible, layer_groups)
+from recbole_weaverec.merging.rules import (MERGE_METHODS, SIGN_METHODS, LazyDeltas, MergeOfDeltas, _check_density,
+                                            _check_method, _shape, _weights, check_compatible, layer_groups)
 
 LINEAR_METHODS = ("average", "weights", "task_arithmetic")
 
@@ -60,7 +60,7 @@ def _seeded(seed, device):
         yield
 
 
-class MergedDeltas(LazyDeltas):
+class MergedDeltas(MergeOfDeltas):
     """The merge of ``merge_deltas(deltas, weights, method, ...)`` with each ΔW computed on access, on ``device``
     (default: where the adapters are) or, through ``fold_merged``, on the device of the weight it goes into.
 
@@ -99,15 +99,6 @@ class MergedDeltas(LazyDeltas):
 
     def __getitem__(self, key):
         return self.delta(key)
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-    def shape(self, key):
-        return _shape(self._deltas[0], key)
 
 
 def fold_merged(model, merged, alpha=1.0):
