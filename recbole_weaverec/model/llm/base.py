@@ -4,7 +4,8 @@ A causal LM (``llm_path``) reads a prompt built from the titles of the items in 
 candidate by the length-normalised log-likelihood of its title as the answer (``scoring.py``). Only LoRA weights
 train; the model's ``state_dict`` (what RecBole's checkpoints hold) is those trainable weights only, so the frozen
 base model is never written into a checkpoint. Before the final evaluation the adapter is folded into the base
-weights (``merge_and_unload``), so evaluation costs what the base model costs.
+weights (``merge_and_unload``), so evaluation costs what the base model costs. ``llm_eval: generate`` instead answers
+each user's prompt greedily and ranks the candidates by where their titles come in the answer (``generation.py``).
 """
 import os
 from pathlib import Path
@@ -20,14 +21,21 @@ from recbole_weaverec.data.crossdomain import check_domain_files, domain_list, w
 from recbole_weaverec.errors import FullSortTooLargeError
 from recbole_weaverec.model.abstract import ModelHooks
 from recbole_weaverec.merging import check_adapter_paths
+from recbole_weaverec.model.llm import generation
 from recbole_weaverec.model.llm.backbone import load_backbone
 from recbole_weaverec.model.llm.prompts import PromptBuilder
 from recbole_weaverec.model.llm.scoring import score_candidates, score_users
 from recbole_weaverec.model.llm.trainer import LLMTrainer
 from recbole_weaverec.model.llm.training import LoraSettings, training_key
-from recbole_weaverec.model.llm.samples import domain_data
+from recbole_weaverec.model.llm.samples import domain_data, target_valid_split
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+LLM_EVALS = ("likelihood", "generate")
+
+
+def _modes(config):
+    modes = config["eval_args"]["mode"]
+    return list(modes.values()) if isinstance(modes, dict) else [modes]
 
 
 class LLMRecommender(ModelHooks, SequentialRecommender):
@@ -58,7 +66,14 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
         check_number(config, "warmup_ratio", low=0, high=1)
         check_bool(config, "prompt_candidates")
         check_bool(config, "train_bf16")
+        check_bool(config, "train_valid_items")
         check_choice(config, "llm_dtype", tuple(DTYPES))
+        check_choice(config, "llm_eval", LLM_EVALS)
+        check_int(config, "generate_max_new_tokens", low=1, allow_none=True)
+        if config["llm_eval"] == "generate" and "full" in _modes(config):
+            raise ConfigError(f"llm_eval='generate' is not allowed with eval_mode=full (eval_args.mode="
+                              f"{config['eval_args']['mode']!r}): generated titles are matched against sampled "
+                              f"candidates; use a sampled eval_mode (e.g. uni29) or llm_eval=likelihood")
         target = config["lora_target_modules"]
         if not (isinstance(target, str) or (isinstance(target, list) and target
                                             and all(isinstance(t, str) for t in target))):
@@ -89,16 +104,20 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
         self.builder = PromptBuilder(self.tokenizer, config["max_history"], config["max_title_tokens"],
                                      config["prompt_candidates"], config["max_prompt_tokens"])
         self.settings = LoraSettings.from_config(config)
+        valid = target_valid_split(config, dataset) if config["train_valid_items"] else None
         self.target = domain_data(config["dataset"], dataset, dataset, config["title_field"],
-                                  config["title_fallback_field"])
+                                  config["title_fallback_field"], valid)
         self.domains = {self.target.name: self.target}
         self.adapter_paths = {k: os.path.expanduser(v) for k, v in (config["adapter_paths"] or {}).items()}
         self.adapter_root = None  # set by the trainer: <checkpoint_dir>/<run>/adapters or adapter_dir
         self.folded = False
         self.show_progress = bool(config["show_progress"])
-        modes = config["eval_args"]["mode"]
-        if "full" in (modes.values() if isinstance(modes, dict) else [modes]):
+        self.generates = config["llm_eval"] == "generate"
+        self.generated_positions = False  # set by predict: its scores are generated positions (read by LLMTrainer)
+        if "full" in _modes(config):
             self._check_full_sort()  # refuse before training, not after
+        if self.generates:
+            self._check_generate()
 
     def _check_full_sort(self):
         n = self.n_items
@@ -107,6 +126,16 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
                 f"full-ranking evaluation of {self.config['model']} on {self.target.name!r} would score all {n - 1} "
                 f"item titles per user (max_full_sort_items={self.config['max_full_sort_items']}); use "
                 f"eval_mode=uni29 or raise max_full_sort_items")
+
+    def _check_generate(self):
+        """Generated positions become ranks through non-candidate items (``generation.as_generated_ranking``): up to
+        max(topk) of them per user, beside uniN/popN's N + 1 candidates."""
+        k = max(self.config["topk"]) if isinstance(self.config["topk"], list) else int(self.config["topk"])
+        sampled = [int(m[3:]) for m in _modes(self.config) if m[:3] in ("uni", "pop") and m[3:].isdigit()]
+        need = max(sampled, default=0) + k
+        if self.n_items - 1 < need:
+            raise ConfigError(f"llm_eval='generate' needs at least {need} items (candidates + max(topk)={k}); "
+                              f"{self.target.name!r} has {self.n_items - 1}: use llm_eval=likelihood")
 
     # --- what the trainer asks ------------------------------------------------------------------------------
     def training_samples(self):
@@ -203,14 +232,29 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
                                   self.tokenizer.pad_token_id)
         return scores[picks]
 
+    def generate_user(self, history, candidates, listed=None, order_seed=0):
+        """``llm_eval: generate``: scores of ``candidates`` from the greedy answer to the prompt ``score_user``
+        builds (-j for a title first generated at position j, -inf when not generated; ``generation.py``)."""
+        prompt, _, picks = self._user_inputs(history, candidates, listed, order_seed)
+        unique = list(dict.fromkeys(int(c) for c in candidates))
+        titles = [self.builder.truncate(self.target.titles[c]) for c in unique]  # as the prompt renders them
+        max_new = self.config["generate_max_new_tokens"] or \
+            generation.default_max_new_tokens(self.config["max_title_tokens"])
+        scores = generation.generate_scores(self.llm, self.tokenizer, prompt, titles, max_new,
+                                            generation.stop_ids(self.tokenizer, self.builder.end_of_turn))
+        return scores[picks]
+
     def score_many(self, requests, progress=None):
         """``score_user(*r)`` for each r of ``requests``, ``score_users_per_batch`` users per forward (1: one user
-        at a time, the exact single-user path). ``progress`` (a tqdm bar) is advanced by each user."""
-        per_batch = self.config["score_users_per_batch"] or 1
+        at a time, the exact single-user path). ``progress`` (a tqdm bar) is advanced by each user.
+        ``llm_eval: generate``: ``generate_user`` per user (one greedy generate call each)."""
+        per_batch = 1 if self.generates else self.config["score_users_per_batch"] or 1
         out = []
         for i in range(0, len(requests), per_batch):
             batch = requests[i:i + per_batch]
-            if per_batch == 1:
+            if self.generates:
+                out.append(self.generate_user(*batch[0]))
+            elif per_batch == 1:
                 out.append(self.score_user(*batch[0]))
             else:
                 inputs = [self._user_inputs(*r) for r in batch]
@@ -246,6 +290,7 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
                   leave=False) as bar:
             scores = self.score_many([(history, items[rows].tolist(), None, seed) for rows, history, seed in groups],
                                      bar)
+        self.generated_positions = self.generates
         for (rows, _, _), s in zip(groups, scores):
             out[rows] = s
         return out.to(self.device)

@@ -23,28 +23,44 @@ class Sample:
 
 @dataclass
 class DomainData:
-    """A domain's sequential training split (RecBole's augmented prefixes) and its item titles (by internal id)."""
+    """A domain's sequential training split (RecBole's augmented prefixes) and its item titles (by internal id);
+    with ``train_valid_items`` also its validation split (one transition per user, trained on as the reference)."""
     name: str
     train: object  # RecBole SequentialDataset of the training split
     titles: list
     item_num: int
+    valid: object = None  # RecBole SequentialDataset of the validation split, or None
 
     def title(self, item):
         return self.titles[int(item)]
 
 
-def domain_data(name, dataset, train_split, title_field="title", fallback=None):
+def domain_data(name, dataset, train_split, title_field="title", fallback=None, valid_split=None):
     from recbole_weaverec.data.itemtext import item_titles
 
-    return DomainData(name, train_split, item_titles(dataset, title_field, fallback), dataset.item_num)
+    return DomainData(name, train_split, item_titles(dataset, title_field, fallback), dataset.item_num, valid_split)
+
+
+def target_valid_split(config, dataset):
+    """The target's validation split, for ``train_valid_items`` (a model is built from the training split only):
+    the domain is loaded again by RecBole, and its item ids must be the model's."""
+    from recbole_weaverec.data.crossdomain import load_domain
+
+    _, again, (_, valid, _) = load_domain(config, config["dataset"])
+    field = dataset.iid_field
+    if list(again.field2id_token[field]) != list(dataset.field2id_token[field]):
+        raise DataFileError(f"domain {config['dataset']!r}: its validation split, loaded again, numbers its items "
+                            f"differently from the training split; train_valid_items needs one item numbering")
+    return valid
 
 
 def load_source(config, name):
     """A source domain loaded as its own RecBole dataset (ids and titles never mix with the target's)."""
     from recbole_weaverec.data.crossdomain import load_domain
 
-    dconfig, dataset, (train, _, _) = load_domain(config, name)  # the source's own title fields (issue 21)
-    return domain_data(name, dataset, train, dconfig["title_field"], dconfig["title_fallback_field"])
+    dconfig, dataset, (train, valid, _) = load_domain(config, name)  # the source's own title fields (issue 21)
+    return domain_data(name, dataset, train, dconfig["title_field"], dconfig["title_fallback_field"],
+                       valid if config["train_valid_items"] else None)
 
 
 def check_trainable(domain):
@@ -58,18 +74,29 @@ def _domain_seed(seed, name, salt=0):
     return [int(seed), zlib.crc32(name.encode()), int(salt)]  # stable across runs (unlike hash())
 
 
+def _transitions(split):
+    """(histories, lengths, targets) arrays of a RecBole sequential split."""
+    c = split.config
+    feat = split.inter_feat
+    return (feat[c["ITEM_ID_FIELD"] + c["LIST_SUFFIX"]].numpy(), feat[c["ITEM_LIST_LENGTH_FIELD"]].numpy(),
+            feat[split.iid_field].numpy())
+
+
 def build_samples(domain, n=None, num_candidates=30, seed=2020):
     """Up to ``n`` training prefixes of ``domain`` chosen reproducibly (all when n is None), each with
-    ``num_candidates`` candidates: the true item + random items outside the user's history, shuffled."""
-    train = domain.train
-    seq_field, len_field = train.config["ITEM_ID_FIELD"] + train.config["LIST_SUFFIX"], train.config["ITEM_LIST_LENGTH_FIELD"]
-    seqs, lengths = train.inter_feat[seq_field].numpy(), train.inter_feat[len_field].numpy()
-    targets = train.inter_feat[train.iid_field].numpy()
+    ``num_candidates`` candidates: the true item + random items outside the user's history, shuffled. A domain
+    loaded with its validation split (``train_valid_items``) first gives one sample per user answering the user's
+    validation item, as the reference's training files (which add 30,000 sampled earlier prefixes)."""
+    seqs, lengths, targets = _transitions(domain.train)
     rng = np.random.default_rng(_domain_seed(seed, domain.name))
     rows = np.arange(len(targets)) if n is None or n >= len(targets) else \
         np.sort(rng.choice(len(targets), size=int(n), replace=False))
+    rows = [(seqs, lengths, targets, r) for r in rows]
+    if domain.valid is not None:
+        valid = _transitions(domain.valid)
+        rows = [(*valid, r) for r in range(len(valid[2]))] + rows
     out = []
-    for r in rows:
+    for seqs, lengths, targets, r in rows:
         history = tuple(int(i) for i in seqs[r, :lengths[r]])
         target = int(targets[r])
         candidates = ()

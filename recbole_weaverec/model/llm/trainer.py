@@ -5,6 +5,8 @@ checkpoints of the best epoch and logging; an epoch iterates over the model's ow
 (``model.training_samples()``) instead of RecBole's training batches, with AdamW + warmup/cosine on the LoRA weights
 only. A model with nothing to train (LLMMerge, or a reused adapter) is validated once. Before the final evaluation
 the best adapter is reloaded, saved as a peft folder under ``<checkpoint_dir>/<run>/adapters/<name>`` and folded.
+With ``llm_eval: generate`` the sampled-candidate score matrix is adjusted so that RecBole's ranks are the generated
+positions (``generation.as_generated_ranking``).
 """
 import os
 from pathlib import Path
@@ -12,9 +14,10 @@ from time import time
 
 import torch
 from recbole.trainer import Trainer
-from recbole.utils import set_color
+from recbole.utils import EvaluatorType, set_color
 
 from recbole_weaverec import compat
+from recbole_weaverec.model.llm.generation import as_generated_ranking
 
 
 class _NoOptimizer(torch.optim.SGD):
@@ -88,3 +91,18 @@ class LLMTrainer(Trainer):
                 self.logger.info(f"Loading model structure and parameters from {file}")
             self.model.finish(self)
         return super().evaluate(eval_data, load_best_model=False, model_file=model_file, show_progress=show_progress)
+
+    def _neg_sample_batch_eval(self, batched_data):
+        """RecBole's, then (``llm_eval: generate``) the positions the model generated turned into ranks: RecBole
+        fills non-candidates with -inf too, so an unmatched truth would tie with them (torch.topk picks among ties
+        arbitrarily). Uses the candidates of each row only, never the labels."""
+        model = self.model
+        model.generated_positions = False  # set by model.predict when it generated (not e.g. WeaveRec's Pop rows)
+        interaction, scores, positive_u, positive_i = super()._neg_sample_batch_eval(batched_data)
+        if model.generated_positions and self.config["eval_type"] == EvaluatorType.RANKING:
+            row_idx = batched_data[1].to(scores.device)
+            listed = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+            listed[row_idx, interaction[self.config["ITEM_ID_FIELD"]].to(scores.device)] = True
+            topk = self.config["topk"]
+            scores = as_generated_ranking(scores, listed, max(topk) if isinstance(topk, list) else int(topk))
+        return interaction, scores, positive_u, positive_i

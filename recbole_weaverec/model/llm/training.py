@@ -61,6 +61,7 @@ class LoraSettings:
     gradient_checkpointing: bool = False
     length_buckets: int = 0  # sort prompts by length within windows of this many batches (0 = off)
     seed: int = 2020
+    valid_items: bool = False  # each domain's validation transitions are trained on too (train_valid_items)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -74,7 +75,8 @@ class LoraSettings:
                    clip_grad_norm=float(config["lora_clip_grad_norm"] or 0.0), bf16=bool(config["train_bf16"]),
                    tokens_per_pass=int(config["train_tokens_per_pass"] or 0),
                    gradient_checkpointing=bool(config["gradient_checkpointing"]),
-                   length_buckets=int(config["train_length_buckets"] or 0), seed=int(config["seed"]))
+                   length_buckets=int(config["train_length_buckets"] or 0), seed=int(config["seed"]),
+                   valid_items=bool(config["train_valid_items"]))
 
     def lora_config(self):
         from peft import LoraConfig
@@ -317,6 +319,8 @@ def training_key(base, domain_sizes, settings, builder, num_candidates):
     """What determines an adapter's training: equal keys -> an adapter folder can be reused as is."""
     s = asdict(settings)
     s.pop("extra", None)
+    if not s.get("valid_items"):  # only when on: keys of adapters trained before the option existed stay valid
+        s.pop("valid_items", None)
     prompt = {"max_history": builder.max_history, "max_title_tokens": builder.max_title_tokens,
               "prompt_candidates": builder.prompt_candidates}
     if builder.max_prompt_tokens is not None:  # only when set: keys of adapters trained without a cap stay valid
