@@ -305,3 +305,39 @@ def test_command_refuses_a_plan_that_cannot_fit(run_dir):
     assert len(err) == 1 and err[0].startswith("error: the plan does not fit in 0.5 GiB of device memory: training "
                                                "needs ~"), proc.stderr
     assert "phase" in proc.stdout and "training" in proc.stdout  # the table is printed before the refusal
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_scoring_compute_counts_the_scorers_matmuls(name):
+    """plan.compute's FLOPs of one user equal torch's FlopCounterMode count of the real scorer (eager attention, so
+    attention is counted too; eager computes the prompt's full score matrix, a causal kernel skips half of it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from recbole_weaverec.plan import compute as C
+
+    model, shape = build(name)
+    model.set_attn_implementation("eager")
+    g = torch.Generator().manual_seed(3)
+    prompt, answer, chunk = 150, 9, 16
+    ids = torch.randint(3, shape.vocab, (prompt,), generator=g).tolist()
+    answers = [torch.randint(3, shape.vocab, (answer,), generator=g).tolist() for _ in range(30)]
+    with FlopCounterMode(display=False) as counter:
+        score_candidates(model, ids, answers, chunk_size=chunk)
+    counted = counter.get_total_flops()
+    planned = sum(C.scoring_flops(shape, C.ScoringCompute(prompt, answer - 1, 30, chunk)).values())
+    assert planned + C.attention_flops(shape, prompt, prompt) / 2 == pytest.approx(counted, rel=1e-3)
+
+
+def test_plan_gives_scoring_time_per_thousand_users_at_a_given_rate(capsys, run_dir):
+    from recbole_weaverec.plan import compute as C
+
+    args = ["--model=WeaveRec", f"--config_files={REPO / 'configs' / 'weaverec_paper_gpu.yaml'}", "--on", "cuda"]
+    assert main(args + ["--tflops=300"]) == 0
+    out = capsys.readouterr().out
+    flops = float(next(line for line in out.splitlines() if line.startswith("scoring compute:")).split()[2])
+    minutes = float(next(line for line in out.splitlines() if line.startswith("scoring time:")).split()[2][1:])
+    assert minutes == pytest.approx(C.per_thousand_users(flops * 1e12, 300) / 60, rel=1e-2)
+    assert 50 < flops < 200  # 7.6B parameters over a ~5.4k-token prompt + 30 answers of ~66 tokens
+    assert main(args + ["--tflops=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tflops=0.0 is not allowed" in err[0]

@@ -31,6 +31,8 @@ def build_parser():
                    help="plan for this device type (default: the run's device)")
     p.add_argument("--llm-config", default=None, metavar="FILE",
                    help="the LM's config.json (or its folder) when llm_path's config is not on this machine")
+    p.add_argument("--tflops", type=float, default=None, metavar="R",
+                   help="the device's sustained matmul rate in TFLOP/s: scoring time per 1,000 users at that rate")
     p.add_argument("--reserve", type=float, default=None, metavar="GIB",
                    help=f"memory kept free of the estimate (default {CUDA_RESERVE_GIB} GiB on CUDA, 0 on the CPU)")
     return p
@@ -62,6 +64,21 @@ def device_memory(args, cuda):
         if torch.cuda.is_available():
             return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     return None
+
+
+def scoring_compute(config, shape, cuda, world, tflops):
+    """The compute lines (``plan.compute``) of a sampled protocol; full ranking's candidate count is the catalogue's,
+    which the config alone does not give."""
+    from recbole_weaverec.plan.compute import ScoringCompute, describe
+    from recbole_weaverec.plan.phases import eval_candidates, specs
+
+    if tflops is not None and not tflops > 0:
+        raise ConfigError(f"--tflops={tflops!r} is not allowed: expected a rate in TFLOP/s > 0")
+    n, _ = eval_candidates(config)
+    if n is None:
+        return ["scoring compute: not planned for full ranking (every item of the catalogue is a candidate)"]
+    score = specs(config, shape, cuda, world)[3]
+    return describe(shape, ScoringCompute(score.prompt, score.answer_inputs, n, score.chunk), tflops)
 
 
 def check_fit(phases, memory, reserve):
@@ -108,6 +125,8 @@ def main(argv=None):
         for line in assumed:
             print(f"  {line}")
         print(table(phases))
+        for line in scoring_compute(config, shape, cuda, world, args.tflops):
+            print(line)
         peak = max(phases, key=lambda p: p.total)
         if memory is None:
             print(f"peak: {peak.name} ~{_gib(peak.total)} GiB (no device memory given: --device-memory GIB checks "
