@@ -31,7 +31,16 @@ import torch  # noqa: E402
 from benchmarks.results import write_section  # noqa: E402
 
 SECTION = "LLM learning curve (issue 14.4)"
-REPO_ROWS = Path(__file__).with_name("llm_learning_rows.jsonl")  # the finished rows, kept with the code
+DEFAULT_TARGET = "amazon-sports"  # the reference's own target; any other target gets its own section, rows, chart
+
+
+def outputs(target):
+    """(RESULTS.md section, finished rows kept with the code, chart) of a target's curve."""
+    here = Path(__file__)
+    if target == DEFAULT_TARGET:
+        return SECTION, here.with_name("llm_learning_rows.jsonl"), here.with_name("llm_learning.png")
+    return (f"LLM learning curve on {target} (issues 14.4, 21.4)", here.with_name(f"llm_learning_rows_{target}.jsonl"),
+            here.with_name(f"llm_learning_{target}.png"))
 VARIANTS = {
     "short": {"prompt_candidates": False, "max_history": 5, "max_title_tokens": 10},
     "listed": {"prompt_candidates": True, "max_history": 5, "max_title_tokens": 10},
@@ -44,9 +53,14 @@ KEYS = ["ndcg@5", "hit@5", "ndcg@10", "hit@1", "mrr@5"]
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", default="/work/logs/learning")
+    p.add_argument("--workdir", default=None, help="default: /work/logs/learning (amazon-sports), "
+                                                   "/work/logs/learning-TARGET otherwise")
     p.add_argument("--data-path", default=str(REPO.parent / "shared" / "data"))
-    p.add_argument("--target", default="amazon-sports")
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--title-field", default=None, help="the target's title field when it is not 'title' (ml-100k: "
+                                                       "movie_title)")
+    p.add_argument("--title-fallback-field", default="categories",
+                   help="field used where a title is missing ('none': no fallback; ml-100k has no categories)")
     p.add_argument("--users", type=int, default=500)
     p.add_argument("--variant", default="short", choices=sorted(VARIANTS))
     p.add_argument("--points", default="0,512,2048,8192", help="training prompts at which the curve is read")
@@ -80,8 +94,17 @@ class Rows:
 def common(args):
     return {"data_path": args.data_path, "eval_mode": "uni29", "metrics": ["NDCG", "Hit", "MRR"],
             "topk": [1, 5, 10], "valid_metric": "NDCG@5", "eval_sample_users": args.users, "seed": 2020,
-            "show_progress": False, "checkpoint_dir": str(Path(args.workdir) / "saved"),
-            "title_fallback_field": "categories"}  # amazon-sports has items titled "null", some without a brand
+            "show_progress": False, "checkpoint_dir": str(Path(args.workdir) / "saved"), **text_settings(args)}
+
+
+def text_settings(args):
+    """The target's title settings, as a domain setting (so they hold for that domain only)."""
+    own = {}
+    if args.title_field:
+        own["title_field"] = args.title_field
+    # amazon-sports has items titled "null", some without a brand: their categories stand in
+    own["title_fallback_field"] = None if args.title_fallback_field == "none" else args.title_fallback_field
+    return {"domain_settings": {args.target: own}}
 
 
 def setup(model, args, extra):
@@ -95,7 +118,7 @@ def setup(model, args, extra):
 
 
 def metric_row(key, users, values, **info):
-    return {"key": key, "users": users.tolist(), "metrics": {k: values[k].tolist() for k in KEYS}, **info,
+    return {"key": key, "target": TARGET[0], "users": users.tolist(), "metrics": {k: values[k].tolist() for k in KEYS}, **info,
             "finished": time.strftime("%Y-%m-%d %H:%M")}
 
 
@@ -173,6 +196,11 @@ def llm_curve(args, rows):
         report(args, rows)
 
 
+def text_note(args):
+    own = text_settings(args)["domain_settings"][args.target]
+    return "; " + ", ".join(f"{k}={v}" for k, v in own.items()) if own else ""
+
+
 def curve_label(args):
     """The curve's name in row keys: the variant, plus the learning rate and batch when not the defaults."""
     label = args.variant
@@ -225,7 +253,7 @@ def report(args, rows):
                     f"batch {r['settings']['train_batch_size']}" for r in llm})
     body = "\n".join(table) + f"""
 
-- Target `{args.target}` (whole domain, shared data), test split, uni29 (true next item + 29 sampled, identical for
+- Target `{args.target}` (whole domain, shared data{text_note(args)}), test split, uni29 (true next item + 29 sampled, identical for
   every row), **{n_users} seeded test users**; per-user NDCG@5 from RecBole's evaluator (`stats.per_user_metrics`),
   intervals: paired bootstrap over users (scipy, 10,000 resamples, percentile). An interval containing 0 is "no
   difference".
@@ -236,13 +264,18 @@ def report(args, rows):
   {"; ".join(spans) or "—"} (a curve read before its end is still mid-schedule).
 - Variants: {", ".join(f"{k} = {v}" for k, v in VARIANTS.items())}.
 - Speed: {"; ".join(speed) or "—"}. Load average at the last row: {os.getloadavg()[0]:.1f}.
-- Rows: `{Path(args.workdir) / "rows.jsonl"}` (copied to `benchmarks/llm_learning_rows.jsonl`); resumable (`--workdir` again).
+- Rows: `{Path(args.workdir) / "rows.jsonl"}` (copied to `benchmarks/{outputs(args.target)[1].name}`); resumable (`--workdir` again).
 """
-    write_section(SECTION, body, command=f"python benchmarks/llm_learning.py --variant {args.variant} "
-                                          f"--points {args.points} --users {args.users} --target {args.target}")
-    chart(llm, base, Path(__file__).with_name("llm_learning.png"))
-    if rows.path.resolve() != REPO_ROWS.resolve():
-        shutil.copyfile(rows.path, REPO_ROWS)
+    section, repo_rows, chart_path = outputs(args.target)
+    write_section(section, body, command=f"python benchmarks/llm_learning.py --variant {args.variant} "
+                                          f"--points {args.points} --users {args.users} --target {args.target}"
+                                          + "".join(f" --{k.replace('_', '-')} {v}" for k, v in (
+                                              ("title_field", args.title_field),
+                                              ("title_fallback_field", args.title_fallback_field)) if v and
+                                              (k, v) != ("title_fallback_field", "categories")))
+    chart(llm, base, chart_path)
+    if rows.path.resolve() != repo_rows.resolve():
+        shutil.copyfile(rows.path, repo_rows)
 
 
 def chart(llm, base, path):
@@ -268,14 +301,24 @@ def chart(llm, base, path):
     plt.close(fig)
 
 
+TARGET = [DEFAULT_TARGET]  # the run's target, written into every row
+
+
 def main():
     args = parse()
+    TARGET[0] = args.target
+    if args.workdir is None:
+        args.workdir = "/work/logs/learning" + ("" if args.target == DEFAULT_TARGET else f"-{args.target}")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     os.chdir(args.workdir)
     path = Path(args.workdir) / "rows.jsonl"
-    if not path.exists() and REPO_ROWS.exists():  # a new machine: start from the rows finished elsewhere (without
-        shutil.copyfile(REPO_ROWS, path)  # the saved training state, an unfinished curve retrains from 0)
+    repo_rows = outputs(args.target)[1]
+    if not path.exists() and repo_rows.exists():  # a new machine: start from the rows finished elsewhere (without
+        shutil.copyfile(repo_rows, path)  # the saved training state, an unfinished curve retrains from 0)
     rows = Rows(path)
+    other = {r.get("target", DEFAULT_TARGET) for r in rows.rows} - {args.target}
+    if other:
+        sys.exit(f"{path} holds rows of target {sorted(other)[0]!r}, not {args.target!r}: give another --workdir")
     if not args.report_only:
         for name in [b for b in args.baselines.split(",") if b and b != "SASRec"]:
             baseline(args, rows, name)

@@ -24,9 +24,13 @@ def _values(params):
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (params or {}).items())
 
 
-def report(cfg, protocol, pairs):
-    board = Leaderboard(cfg)
-    rows = [r for r in board.rows() if r["protocol"] == protocol]
+def report(cfg, protocol, pairs, datasets=None, untuned=()):
+    """``untuned``: labels whose rows are their defaults runs (the ``--untuned`` board), e.g. a model whose search
+    does not fit the session; every other row is the tuned board's."""
+    rows = [r for r in Leaderboard(cfg).rows() if r["label"] not in untuned]
+    if untuned:
+        rows += [r for r in Leaderboard(cfg, tuned=False).rows() if r["label"] in untuned]
+    rows = [r for r in rows if r["protocol"] == protocol and (not datasets or r["dataset"] in datasets)]
     head = (cfg["protocols"][protocol]["headline"] or "NDCG@10").lower()
     groups = group_rows(rows)
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
@@ -66,14 +70,17 @@ def main(argv=None):
     p.add_argument("--config", required=True)
     p.add_argument("--protocol", default="full")
     p.add_argument("--pair", action="append", default=[], help="A:B, two labels of the board")
+    p.add_argument("--dataset", action="append", default=[], help="only this dataset (repeatable)")
+    p.add_argument("--untuned", action="append", default=[], help="this label's defaults row (repeatable)")
     p.add_argument("--write", action="store_true", help="write the section of benchmarks/RESULTS.md")
+    p.add_argument("--section", default=None, help="its title (default: 'Tuned closed forms (CONFIG, PROTOCOL)')")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     pairs = [tuple(x.split(":", 1)) for x in args.pair]
-    body = report(cfg, args.protocol, pairs)
+    body = report(cfg, args.protocol, pairs, set(args.dataset), set(args.untuned))
     print(body)
     if args.write:
-        write_section(f"Tuned closed forms ({Path(args.config).stem}, {args.protocol})", body)
+        write_section(args.section or f"Tuned closed forms ({Path(args.config).stem}, {args.protocol})", body)
 
 
 if __name__ == "__main__":
