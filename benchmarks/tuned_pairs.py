@@ -73,11 +73,15 @@ def main(argv=None):
     p.add_argument("--dataset", action="append", default=[], help="only this dataset (repeatable)")
     p.add_argument("--untuned", action="append", default=[], help="this label's defaults row (repeatable)")
     p.add_argument("--write", action="store_true", help="write the section of benchmarks/RESULTS.md")
+    p.add_argument("--note", action="append", default=[], help="a line said under the tables (repeatable): the "
+                                                                "budget, what was not run")
     p.add_argument("--section", default=None, help="its title (default: 'Tuned closed forms (CONFIG, PROTOCOL)')")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     pairs = [tuple(x.split(":", 1)) for x in args.pair]
     body = report(cfg, args.protocol, pairs, set(args.dataset), set(args.untuned))
+    if args.note:
+        body += "\n\n" + "\n".join(f"- {line}" for line in args.note)
     print(body)
     if args.write:
         write_section(args.section or f"Tuned closed forms ({Path(args.config).stem}, {args.protocol})", body)

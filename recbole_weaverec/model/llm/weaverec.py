@@ -23,7 +23,7 @@ The merged ΔW is folded into the base weights one adapted weight at a time, on 
 (``merging.streaming.fold_merged``; never every ΔW of the model at once): the evaluated model is a plain model with
 the base model's parameter count. With ``weave_compare_target_only`` the final evaluation also scores θ0 alone
 (folded the same way) on the same users and candidates and logs both side by side (``target_only_test_result`` in
-the run's result dict).
+the run's result dict; with ``quick_start.run(per_user=True)`` their per-user values are in ``extra_per_user``).
 
 Adapters are folders named after their module under the adapter folder: ``adapter_dir`` when given, else
 ``<checkpoint_dir>/weaverec-adapters/<hash of the training settings>``, so a rerun (or a run interrupted between
@@ -68,19 +68,27 @@ class WeaveTrainer(LLMTrainer):
         model = self.model
         if self._validating or not eval_data or not model.config["weave_compare_target_only"]:
             return result
-        with model.target_only():
-            alone = super().evaluate(eval_data, False, model_file, show_progress)
-        rows = {"WeaveRec": result, "θ0 (LLMRec)": alone}
-        model.extra_results = {"target_only_test_result": alone}
+        model.extra_results, self.extra_per_user = {}, {}
+        compared = [("θ0 (LLMRec)", "target_only_test_result", model.target_only)]
         if model.config["weave_compare_baselines"]:  # where the demo stands: the untrained LLM and popularity
-            with model.zero_shot():
-                rows["zero-shot"] = model.extra_results["zero_shot_test_result"] = \
-                    super().evaluate(eval_data, False, model_file, show_progress)
-            with model.popularity():
-                rows["Pop"] = model.extra_results["pop_test_result"] = \
-                    super().evaluate(eval_data, False, model_file, show_progress)
+            compared += [("zero-shot", "zero_shot_test_result", model.zero_shot),
+                         ("Pop", "pop_test_result", model.popularity)]
+        rows = {"WeaveRec": result}
+        for label, key, setting in compared:
+            rows[label] = model.extra_results[key] = self._compare(key, setting, eval_data, model_file, show_progress)
         self.logger.info(model.comparison_table(rows, eval_data))
         return result
+
+    def _compare(self, key, setting, eval_data, model_file, show_progress):
+        """One comparison evaluation; where ``quick_start.run(per_user=True)`` records evaluations
+        (``per_user_records``), the record this very evaluation added is kept as ``extra_per_user[key]``."""
+        records = getattr(self, "per_user_records", None)
+        before = None if records is None else len(records)
+        with setting():
+            out = super().evaluate(eval_data, False, model_file, show_progress)
+        if records is not None and len(records) == before + 1:  # exactly one record: this evaluation's
+            self.extra_per_user[key] = records[-1]
+        return out
 
 
 class WeaveRec(LLMMerge):
