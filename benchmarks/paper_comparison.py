@@ -125,8 +125,39 @@ def timed_run(model, args, config):
     from recbole_weaverec.quick_start import run
 
     start = time.perf_counter()
-    out = run(model, args.target, config_dict=config, per_user=True)
+    out = run(model, args.target, config_dict=config, per_user=True) if model != "WeaveRec" else \
+        run_with_comparisons(model, args.target, config)
     return out, time.perf_counter() - start
+
+
+def run_with_comparisons(model, target, config_dict):
+    """``quick_start.run(per_user=True)``'s ``test_result`` and ``test_per_user`` plus ``extra_per_user``: {result
+    key: per-user values} of the trainer's comparison evaluations (WeaveTrainer's θ0 / zero-shot / Pop), recorded
+    here with the same ``stats.recording_per_user`` (WeaveTrainer keeps the record each comparison made when
+    ``per_user_records`` is set), so the package's run() stays as every cached leaderboard cell hashed it."""
+    from recbole.utils import init_logger, init_seed
+
+    from recbole_weaverec.quick_start import build_config, get_trainer_class, prepare
+    from recbole_weaverec.stats import recording_per_user
+
+    config = build_config(model, target, config_dict=config_dict)
+    init_logger(config)
+    _, train, valid, test = prepare(config)
+    init_seed(config["seed"], config["reproducibility"])
+    net = config.model_class(config, train._dataset).to(config["device"])
+    trainer = get_trainer_class(config, config.model_class)(config, net)
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    with recording_per_user(trainer) as evaluations:
+        trainer.per_user_records = evaluations
+        result = trainer.evaluate(test, load_best_model=True, show_progress=False)
+
+    def tokens(ids, values):  # tokens, not internal ids, as quick_start.run gives them
+        return {"users": [str(t) for t in test._dataset.id2token(config["USER_ID_FIELD"], ids)], "metrics": values}
+
+    extra = {key: tokens(*rec) for key, rec in (getattr(trainer, "extra_per_user", None) or {}).items()
+             if rec[0] is not None}
+    return {"test_result": result, "test_per_user": tokens(*evaluations[0]), "extra_per_user": extra,
+            **(getattr(net, "extra_results", None) or {})}  # e.g. target_only_test_result, as run() returns them
 
 
 def run_baseline(args, rows, name):

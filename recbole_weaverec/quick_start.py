@@ -142,9 +142,7 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved
     ``ip``/``port``/``group_offset`` are RecBole's ``run`` arguments: ``nproc`` > 1 (or ``world_size`` > 0) spawns
     data-parallel processes (see ``distributed``) and returns global rank 0's dict. ``per_user=True`` (one process
     only) adds ``test_per_user``: {"users": [user tokens], "metrics": {"ndcg@10": values per user, ...}}, taken from
-    the test evaluation's own scores through RecBole's metric classes (``stats.recording_per_user``), and
-    ``extra_per_user`` ({result key: the same form}) for a trainer's comparison evaluations (WeaveRec's
-    ``target_only_test_result``, ``zero_shot_test_result``, ``pop_test_result``).
+    the test evaluation's own scores through RecBole's metric classes (``stats.recording_per_user``).
     """
     if per_user and (nproc != 1 or world_size > 0):
         raise ValueError(f"per_user=True needs a single-process run, got nproc={nproc!r}, world_size={world_size!r}")
@@ -221,8 +219,6 @@ def _run(config, saved, per_user=False):
         train_data, valid_data, saved=saved, show_progress=config["show_progress"])
     hooks.before_test(model, valid_data)  # e.g. LAE models that add the validation rows to the test history
     with recording_per_user(trainer) if per_user else nullcontext([]) as evaluations:
-        if per_user:  # a trainer that adds comparison evaluations notes which record each one made (WeaveTrainer)
-            trainer.per_user_records = evaluations
         test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
@@ -238,18 +234,10 @@ def _run(config, saved, per_user=False):
     if per_user:  # the test evaluation's own scores, per user (its first evaluation: WeaveRec adds comparisons)
         users, values = evaluations[0] if evaluations and evaluations[0][0] is not None else \
             per_user_metrics(trainer, test_data)  # a trainer whose evaluate bypasses RecBole's batch functions
-        result["test_per_user"] = _with_tokens(config, test_data, users, values)
-        extra = getattr(trainer, "extra_per_user", None) or {}  # e.g. WeaveRec's θ0 / zero-shot / Pop rows
-        if extra:
-            result["extra_per_user"] = {key: _with_tokens(config, test_data, ids, vals)
-                                        for key, (ids, vals) in extra.items() if ids is not None}
+        # tokens, not internal ids: another model's dataset (e.g. merged domains) may number the users differently
+        tokens = test_data._dataset.id2token(config["USER_ID_FIELD"], users)
+        result["test_per_user"] = {"users": [str(t) for t in tokens], "metrics": values}
     return result
-
-
-def _with_tokens(config, test_data, users, values):
-    # tokens, not internal ids: another model's dataset (e.g. merged domains) may number the users differently
-    tokens = test_data._dataset.id2token(config["USER_ID_FIELD"], users)
-    return {"users": [str(t) for t in tokens], "metrics": values}
 
 
 def spawn(run_kwargs, nproc, world, ip, port, group_offset):

@@ -23,7 +23,8 @@ The merged ΔW is folded into the base weights one adapted weight at a time, on 
 (``merging.streaming.fold_merged``; never every ΔW of the model at once): the evaluated model is a plain model with
 the base model's parameter count. With ``weave_compare_target_only`` the final evaluation also scores θ0 alone
 (folded the same way) on the same users and candidates and logs both side by side (``target_only_test_result`` in
-the run's result dict; with ``quick_start.run(per_user=True)`` their per-user values are in ``extra_per_user``).
+the run's result dict; a caller that sets ``trainer.per_user_records`` to a ``stats.recording_per_user``
+list gets their per-user values in ``trainer.extra_per_user``, as ``benchmarks/paper_comparison.py`` does).
 
 Adapters are folders named after their module under the adapter folder: ``adapter_dir`` when given, else
 ``<checkpoint_dir>/weaverec-adapters/<hash of the training settings>``, so a rerun (or a run interrupted between
@@ -80,8 +81,8 @@ class WeaveTrainer(LLMTrainer):
         return result
 
     def _compare(self, key, setting, eval_data, model_file, show_progress):
-        """One comparison evaluation; where ``quick_start.run(per_user=True)`` records evaluations
-        (``per_user_records``), the record this very evaluation added is kept as ``extra_per_user[key]``."""
+        """One comparison evaluation; where a caller records evaluations (``per_user_records``, a
+        ``stats.recording_per_user`` list), the record this very evaluation added is kept as ``extra_per_user[key]``."""
         records = getattr(self, "per_user_records", None)
         before = None if records is None else len(records)
         with setting():
