@@ -334,8 +334,8 @@ def test_plan_gives_scoring_time_per_thousand_users_at_a_given_rate(capsys, run_
     args = ["--model=WeaveRec", f"--config_files={REPO / 'configs' / 'weaverec_paper_gpu.yaml'}", "--on", "cuda"]
     assert main(args + ["--tflops=300"]) == 0
     out = capsys.readouterr().out
-    flops = float(next(line for line in out.splitlines() if line.startswith("scoring compute:")).split()[2])
-    minutes = float(next(line for line in out.splitlines() if line.startswith("scoring time:")).split()[2][1:])
+    flops = float(next(line for line in out.splitlines() if line.startswith("compute: scoring")).split()[2])
+    minutes = float(next(line for line in out.splitlines() if line.startswith("time: scoring")).split()[2][1:])
     assert minutes == pytest.approx(C.per_thousand_users(flops * 1e12, 300) / 60, rel=1e-2)
     assert 50 < flops < 200  # 7.6B parameters over a ~5.4k-token prompt + 30 answers of ~66 tokens
     assert main(args + ["--tflops=0"]) == 2

@@ -76,7 +76,7 @@ def scoring_compute(config, shape, cuda, world, tflops):
         raise ConfigError(f"--tflops={tflops!r} is not allowed: expected a rate in TFLOP/s > 0")
     n, _ = eval_candidates(config)
     if n is None:
-        return ["scoring compute: not planned for full ranking (every item of the catalogue is a candidate)"]
+        return ["compute: not planned for full ranking (every item of the catalogue is a candidate)"]
     score = specs(config, shape, cuda, world)[3]
     return describe(shape, ScoringCompute(score.prompt, score.answer_inputs, n, score.chunk), tflops)
 

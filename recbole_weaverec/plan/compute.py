@@ -54,14 +54,14 @@ def describe(shape, s, tflops=None):
     """Lines for the planner: the FLOPs of one user and, with ``tflops``, the time per 1,000 users."""
     parts = scoring_flops(shape, s)
     total = sum(parts.values())
-    lines = [f"scoring compute: {total / 1e12:.3g} TFLOP per user (" + ", ".join(
+    lines = [f"compute: scoring {total / 1e12:.3g} TFLOP per user (" + ", ".join(
         f"{k} {v / 1e12:.3g}" for k, v in parts.items()) + f"; {s.candidates} candidates in "
-        f"{math.ceil(s.candidates / s.chunk)} chunk pass(es)), {total * 1e3 / 1e15:.3g} PFLOP per 1,000 users"]
+        f"{math.ceil(s.candidates / s.chunk)} chunk pass(es))"]
     if tflops:
         sec = per_thousand_users(total, tflops)
-        lines.append(f"scoring time: ~{sec / 60:.3g} min per 1,000 users at a sustained {tflops:g} TFLOP/s "
+        lines.append(f"time: scoring ~{sec / 60:.3g} min per 1,000 users at a sustained {tflops:g} TFLOP/s "
                      f"(--tflops; a rate, not a measurement of this device)")
     else:
-        lines.append("scoring time: give --tflops R (the device's sustained matmul rate in TFLOP/s) for minutes "
+        lines.append("time: give --tflops R (the device's sustained matmul rate in TFLOP/s) for minutes "
                      "per 1,000 users")
     return lines
