@@ -3,24 +3,15 @@ prompt per user whose answer is the user's validation item (RecBole's valid spli
 prefixes; off by default, and then nothing changes (samples, adapter keys)."""
 import pytest
 
+import test_domains
 from conftest import write_tiny_dataset
+
+tiny_llm = test_domains.tiny_llm  # the same fixture
 
 SMALL = {"max_train_samples": 6, "weave_target_samples": 5, "weave_source_samples": 3, "max_history": 3,
          "max_title_tokens": 5, "num_prompt_candidates": 6, "train_batch_size": 4, "eval_sample_users": 4,
          "show_progress": False, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 0.01,
          "eval_mode": "uni29", "epochs": 1}
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    from recbole_weaverec.model.llm.backbone import embedded_folder, load_tokenizer
-    from recbole_weaverec.testing import tiny_llama
-
-    tokenizer = load_tokenizer(str(embedded_folder()))
-    folder = tmp_path_factory.mktemp("tinyllm")
-    tiny_llama(tokenizer, seed=0).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture()
