@@ -15,6 +15,7 @@ candidates listed in the prompt, as the paper), hist10 (history 10), title6 (tit
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -66,6 +67,8 @@ def parse():
     p.add_argument("--points", default="0,512,2048,8192", help="training prompts at which the curve is read")
     p.add_argument("--lr", type=float, default=DEFAULT_LR)
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    p.add_argument("--tag", default="", help="a suffix naming a new curve, for example one whose schedule spans more "
+                                             "prompts than an earlier curve of the same variant")
     p.add_argument("--sasrec-epochs", type=int, default=10)
     p.add_argument("--baselines", default="Pop,EASE,SASRec")
     p.add_argument("--report-only", action="store_true", help="rewrite the RESULTS.md section from rows.jsonl")
@@ -152,6 +155,11 @@ def llm_curve(args, rows):
     done = [p for p in points if rows.get(f"llm/{label}/{p}")]
     if len(done) == len(points):
         return
+    spans = {r["settings"]["max_train_samples"] for r in rows.rows
+             if r["key"].startswith(f"llm/{label}/") and r.get("n") and r.get("settings")}
+    if spans - {max(points[-1], 1)}:  # a curve is one schedule: going on past its end would train at lr ~0
+        sys.exit(f"curve {label!r} was trained on a schedule over {sorted(spans)[0]} prompts, not "
+                 f"{max(points[-1], 1)}: name a new curve with --tag")
     extra = {**VARIANTS[args.variant], "max_train_samples": max(points[-1], 1), "learning_rate": args.lr,
              "train_batch_size": args.batch, "gradient_accumulation_steps": 1, "epochs": 1}
     config, net, trainer, _, _, test = setup("LLMRec", args, extra)
@@ -208,7 +216,7 @@ def curve_label(args):
         label += f"-lr{args.lr:g}"
     if args.batch != DEFAULT_BATCH:
         label += f"-b{args.batch}"
-    return label
+    return label + (f"-{args.tag}" if args.tag else "")
 
 
 def aligned(row, ref):
@@ -271,7 +279,8 @@ def report(args, rows):
                                           f"--points {args.points} --users {args.users} --target {args.target}"
                                           + "".join(f" --{k.replace('_', '-')} {v}" for k, v in (
                                               ("title_field", args.title_field),
-                                              ("title_fallback_field", args.title_fallback_field)) if v and
+                                              ("title_fallback_field", args.title_fallback_field), ("tag", args.tag))
+                                              if v and
                                               (k, v) != ("title_fallback_field", "categories")))
     chart(llm, base, chart_path)
     if rows.path.resolve() != repo_rows.resolve():
@@ -306,6 +315,8 @@ TARGET = [DEFAULT_TARGET]  # the run's target, written into every row
 
 def main():
     args = parse()
+    if not re.fullmatch(r"[A-Za-z0-9]*", args.tag):  # it names a folder
+        sys.exit(f"--tag {args.tag!r}: letters and digits only")
     TARGET[0] = args.target
     if args.workdir is None:
         args.workdir = "/work/logs/learning" + ("" if args.target == DEFAULT_TARGET else f"-{args.target}")
