@@ -12,6 +12,7 @@ and each per-domain module train once. Each finished row goes to ``<workdir>/row
 """
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -298,7 +299,7 @@ def report(args, rows):
              f"{args.lr:g}, batch {args.batch}, 1 epoch, bf16 training; domain settings {settings or 'none'}. "
              f"θ0 and zero-shot are WeaveRec's own comparison evaluations; modules are trained once per setting "
              f"and reused (a run's wall seconds exclude modules an earlier run trained). Rows: "
-             f"`{Path(args.workdir) / 'rows.jsonl'}` (resumable).")
+             f"`{Path(args.workdir) / 'rows.jsonl'}` (copied to `benchmarks/{repo_rows(args).name}`; resumable).")
     body = report_body(rows.rows, args.target, case_list, keys, setup)
     command = (f"python benchmarks/paper_comparison.py --target {args.target} --sources {','.join(args.sources)} "
                f"--users {args.users} --samples {args.samples} --variant {args.variant} --lr {args.lr:g} "
@@ -307,13 +308,23 @@ def report(args, rows):
                   if args.title_fallback_field != "categories" else "")
                + (f" --llm-path {args.llm_path}" if args.llm_path != "embedded" else ""))
     write_section(f"Paper comparison: {args.target} ← {', '.join(args.sources)}", body, command=command)
+    if rows.path.exists() and rows.path.resolve() != repo_rows(args).resolve():
+        shutil.copyfile(rows.path, repo_rows(args))  # finished rows travel with the repository
+
+
+def repo_rows(args):
+    """The committed copy of a target's rows (one file per target: the sources are part of each row's key)."""
+    return REPO / "benchmarks" / f"paper_comparison_rows_{args.target}.jsonl"
 
 
 def main(argv=None):
     args = parse(argv)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     os.chdir(args.workdir)  # RecBole's log/ and log_tensorboard/ go there, not into the repository
-    rows = Rows(Path(args.workdir) / "rows.jsonl")
+    path = Path(args.workdir) / "rows.jsonl"
+    if not path.exists() and repo_rows(args).exists():  # a new machine: go on from the rows finished elsewhere
+        shutil.copyfile(repo_rows(args), path)
+    rows = Rows(path)
     other = {r.get("target") for r in rows.rows} - {args.target}
     if other:  # Pop/EASE rows are keyed without the target: another target's rows must never be reused
         sys.exit(f"{rows.path} holds rows of target {sorted(map(str, other))[0]!r}, not {args.target!r}: "
