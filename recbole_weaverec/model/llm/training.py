@@ -36,7 +36,7 @@ def answer_loss(model, batch):
     labels = batch["labels"]
     width = int((labels != IGNORE_INDEX).sum(1).max())
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=width + 1)
+                position_ids=batch["position_ids"], logits_to_keep=width + 1, use_cache=False)  # no cache to build
     logits = out.logits[:, :-1].float()  # position t predicts token t+1
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                              labels[:, -width:].reshape(-1), ignore_index=IGNORE_INDEX)
@@ -160,11 +160,17 @@ def checkpointing(model, enabled):
     if not enabled:
         yield
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers >= 5 names it activation checkpointing (the old name warns); older versions have only the old name
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.activation_checkpointing_disable
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.gradient_checkpointing_disable
     try:
         yield
     finally:
-        model.gradient_checkpointing_disable()
+        disable()
 
 
 class LoraLearner:
