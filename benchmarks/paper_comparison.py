@@ -111,6 +111,7 @@ def llm_config(args, sources):
     return {**common(args), **VARIANTS[args.variant], "source_domains": list(sources), "llm_path": args.llm_path,
             "max_train_samples": n, "weave_target_samples": n, "weave_source_samples": n,
             "learning_rate": args.lr, "train_batch_size": args.batch, "epochs": 1, "train_bf16": True,
+            "eval_step": 0,  # one epoch leaves nothing for validation to choose: no validation pass (~1/4 of scoring)
             # one folder per setting: θ0 and each per-domain module are trained once and reused by every run
             "adapter_dir": str(Path(args.workdir) / "adapters" / tag(args))}
 
@@ -296,7 +297,8 @@ def report(args, rows):
     setup = (f"Setup: target `{args.target}`, test split, uni29 (true next item + 29 sampled, identical for every "
              f"row), {args.users} seeded test users (seed 2020); LLM rows: backbone {backbone}, variant "
              f"`{args.variant}` ({VARIANTS[args.variant]}), N = {args.samples} training prompts per module, lr "
-             f"{args.lr:g}, batch {args.batch}, 1 epoch, bf16 training; domain settings {settings or 'none'}. "
+             f"{args.lr:g}, batch {args.batch}, 1 epoch (no validation pass), bf16 training; domain settings "
+             f"{settings or 'none'}. "
              f"θ0 and zero-shot are WeaveRec's own comparison evaluations; modules are trained once per setting "
              f"and reused (a run's wall seconds exclude modules an earlier run trained). Rows: "
              f"`{Path(args.workdir) / 'rows.jsonl'}` (copied to `benchmarks/{repo_rows(args).name}`; resumable).")

@@ -3,7 +3,8 @@
 RecBole's ``fit`` keeps its epochs, validation every ``eval_step`` epochs, early stopping on ``valid_metric``,
 checkpoints of the best epoch and logging; an epoch iterates over the model's own prompt samples
 (``model.training_samples()``) instead of RecBole's training batches, with AdamW + warmup/cosine on the LoRA weights
-only. A model with nothing to train (LLMMerge, or a reused adapter) is validated once. Before the final evaluation
+only. A model with nothing to train (LLMMerge, or a reused adapter) is validated once; ``eval_step: 0`` skips
+validation, as RecBole's ``fit`` does (the last epoch is kept). Before the final evaluation
 the best adapter is reloaded, saved as a peft folder under ``<checkpoint_dir>/<run>/adapters/<name>`` and folded.
 With ``llm_eval: generate`` the sampled-candidate score matrix is adjusted so that RecBole's ranks are the generated
 positions (``generation.as_generated_ranking``).
@@ -60,8 +61,8 @@ class LLMTrainer(Trainer):
         self.model.prepare(self)
         if self.lora_learner is not None:
             return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
-        # nothing to train: one validation, one checkpoint
-        if valid_data:
+        # nothing to train: one validation (none with eval_step <= 0, as in RecBole's fit), one checkpoint
+        if valid_data and self.eval_step > 0:
             start = time()
             self.best_valid_score, self.best_valid_result = self._valid_epoch(valid_data, show_progress)
             if verbose:
