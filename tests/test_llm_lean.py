@@ -139,3 +139,39 @@ def test_onednn_cache_cap_is_a_default_the_user_can_override(given):
     assert cap == (given or "64")
     if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION"):
         assert trimmed == "True"  # glibc: malloc_trim was called
+
+
+def test_train_attention_eager_gives_the_same_update_and_the_model_keeps_its_own_kernel(tokenizer, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    calls = []
+    eager = modeling_llama.eager_attention_forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return eager(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", counting)
+    plain, loss1, _ = trained(tokenizer)
+    assert not calls  # the model's own kernel (sdpa) while training by default
+    switched, loss2, _ = trained(tokenizer, attention="eager")
+    assert calls  # every layer went through the eager kernel
+    for k, v in lora(plain).items():
+        assert torch.allclose(v, lora(switched)[k], atol=1e-5), k
+    assert loss1 == pytest.approx(loss2, rel=1e-5)
+    assert switched.get_base_model().config._attn_implementation == plain.get_base_model().config._attn_implementation
+
+
+def test_train_attention_is_checked_and_enters_the_adapter_key_only_when_set(tmp_path):
+    from recbole_weaverec.config import ConfigError
+    from recbole_weaverec.model.llm.training import training_key
+    from recbole_weaverec.quick_start import build_config
+
+    with pytest.raises(ConfigError, match=r"^train_attention='flash' is not allowed: expected one of sdpa, eager$"):
+        build_config("LLMRec", "toys-sample", config_dict={"train_attention": "flash"})
+    builder = PromptBuilder(load_tokenizer(str(embedded_folder())), 5, 10, True)
+    keys = [training_key("base", {"toys": 8}, LoraSettings(attention=a), builder, 30)["settings"]
+            for a in (None, "eager")]
+    assert "attention" not in keys[0] and keys[1]["attention"] == "eager"  # old adapters' keys stay valid
+    assert LoraSettings.from_config(build_config("LLMRec", "toys-sample",
+                                                 config_dict={"train_attention": "eager"})).attention == "eager"

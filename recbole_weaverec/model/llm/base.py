@@ -26,6 +26,7 @@ from recbole_weaverec.model.llm.backbone import load_backbone
 from recbole_weaverec.model.llm.prompts import PromptBuilder
 from recbole_weaverec.model.llm.scoring import score_candidates, score_users
 from recbole_weaverec.model.llm.trainer import LLMTrainer
+from recbole_weaverec.model.llm.train_modes import ATTENTION_KERNELS
 from recbole_weaverec.model.llm.training import LoraSettings, training_key
 from recbole_weaverec.model.llm.samples import domain_data, target_valid_split
 
@@ -59,6 +60,8 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
         check_int(config, "max_prompt_tokens", low=1, allow_none=True)
         check_int(config, "train_length_buckets", low=0, allow_none=True)
         check_bool(config, "gradient_checkpointing")
+        if config["train_attention"] is not None:
+            check_choice(config, "train_attention", ATTENTION_KERNELS)
         check_int(config, "num_prompt_candidates", low=1)
         check_number(config, "lora_alpha", low=0, low_open=True)
         check_number(config, "lora_dropout", low=0, high=1, high_open=True)

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shutil
-from contextlib import contextmanager
 from logging import getLogger
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from recbole_weaverec.merging import AdapterFileError, AdapterNotFoundError, che
 from recbole_weaverec.model.llm.backbone import base_name
 from recbole_weaverec.model.llm.prompts import IGNORE_INDEX
 from recbole_weaverec.model.llm.samples import collate, encode_sample
+from recbole_weaverec.model.llm.train_modes import attention_kernel, autocast, checkpointing, frozen_weights_as
 
 ALL_LINEAR = "all-linear"
 META_FILE = "recbole_weaverec.json"  # what an adapter folder was trained on (next to peft's files)
@@ -62,6 +62,7 @@ class LoraSettings:
     length_buckets: int = 0  # sort prompts by length within windows of this many batches (0 = off)
     seed: int = 2020
     valid_items: bool = False  # each domain's validation transitions are trained on too (train_valid_items)
+    attention: object = None  # attention kernel while training (train_attention); None = the model's own
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -76,7 +77,7 @@ class LoraSettings:
                    tokens_per_pass=int(config["train_tokens_per_pass"] or 0),
                    gradient_checkpointing=bool(config["gradient_checkpointing"]),
                    length_buckets=int(config["train_length_buckets"] or 0), seed=int(config["seed"]),
-                   valid_items=bool(config["train_valid_items"]))
+                   valid_items=bool(config["train_valid_items"]), attention=config["train_attention"])
 
     def lora_config(self):
         from peft import LoraConfig
@@ -95,12 +96,6 @@ def add_lora(model, settings, adapter_name="default"):
         lora_config.base_model_name_or_path = base_name(model)  # adapter_config.json names the base model
         peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     return peft_model
-
-
-def autocast(device, bf16):
-    device = torch.device(device)
-    enabled = device.type == "cuda" or bool(bf16)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def batches(samples, batch_size, seed, epoch, lengths=None, buckets=0):
@@ -136,43 +131,6 @@ def answer_tokens(encoded):
     return sum(t != IGNORE_INDEX for t in encoded[1])
 
 
-@contextmanager
-def frozen_weights_as(model, dtype):
-    """Frozen floating-point weights held in ``dtype`` inside the block and restored bit for bit after it: autocast
-    would otherwise re-cast every frozen weight in every step. LoRA weights (trainable) keep their dtype."""
-    saved = []
-    if dtype is not None:
-        for p in model.parameters():
-            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
-                saved.append((p, p.data))
-                p.data = p.data.to(dtype)
-    try:
-        yield
-    finally:
-        for p, data in saved:
-            p.data = data
-
-
-@contextmanager
-def checkpointing(model, enabled):
-    """Gradient checkpointing inside the block (recompute each layer's activations in backward; scoring after it
-    needs the key/value cache, which checkpointing turns off)."""
-    if not enabled:
-        yield
-        return
-    # transformers >= 5 names it activation checkpointing (the old name warns); older versions have only the old name
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        disable = model.activation_checkpointing_disable
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        disable = model.gradient_checkpointing_disable
-    try:
-        yield
-    finally:
-        disable()
-
-
 class LoraLearner:
     """AdamW over the trainable (LoRA) weights with a warmup + cosine schedule, stepped every ``grad_accum`` batches."""
 
@@ -206,7 +164,8 @@ class LoraLearner:
         low = torch.bfloat16 if (device.type == "cuda" or s.bf16) else None
         self.optimizer.zero_grad(set_to_none=True)
         model.train()
-        with frozen_weights_as(model, low), checkpointing(model, s.gradient_checkpointing):
+        with frozen_weights_as(model, low), checkpointing(model, s.gradient_checkpointing), \
+                attention_kernel(model, s.attention):
             for i, group in enumerate(tqdm(groups, desc=f"{desc} epoch {epoch}", unit="batch",
                                            disable=not progress)):
                 # data-parallel runs: this process's shard of the global batch, weighted by its share of answer
@@ -325,8 +284,9 @@ def training_key(base, domain_sizes, settings, builder, num_candidates):
     """What determines an adapter's training: equal keys -> an adapter folder can be reused as is."""
     s = asdict(settings)
     s.pop("extra", None)
-    if not s.get("valid_items"):  # only when on: keys of adapters trained before the option existed stay valid
-        s.pop("valid_items", None)
+    for key in ("valid_items", "attention"):  # only when set: keys of adapters trained before these existed stay valid
+        if not s.get(key):
+            s.pop(key, None)
     prompt = {"max_history": builder.max_history, "max_title_tokens": builder.max_title_tokens,
               "prompt_candidates": builder.prompt_candidates}
     if builder.max_prompt_tokens is not None:  # only when set: keys of adapters trained without a cap stay valid

@@ -1,0 +1,133 @@
+"""Issue 14.2: where a LoRA training pass spends its CPU time (torch.profiler), and the attention kernels side by side.
+
+One process per attention implementation: a warm-up epoch, then one profiled epoch over the same prompts (the
+LLMRec defaults of ``--dataset``, bf16 autocast, gradient checkpointing as configured). Prints and writes to
+benchmarks/RESULTS.md ("LLM training profile"): tokens/s per attention kernel, and the share of self CPU time per
+operator group (matmuls, attention, element-wise, casts, optimizer) and the top operators.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/llm_profile.py --dataset toys-sample --samples 16
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+GROUPS = (  # (group, operator name fragments), first match wins
+    ("matmul (mm/addmm/bmm/linear)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")),
+    ("attention kernel", ("scaled_dot_product", "flash_attention", "aten::_softmax", "aten::softmax")),
+    ("dtype casts / copies", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous")),
+    ("optimizer (AdamW)", ("adam", "_foreach", "aten::lerp", "aten::addcdiv", "aten::addcmul")),
+    ("loss (log-softmax, NLL)", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("element-wise (norm, act, rotary, add, mul)", ("aten::",)),
+)
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="toys-sample")
+    p.add_argument("--samples", type=int, default=16, help="training prompts per epoch (warm-up and profiled)")
+    p.add_argument("--attention", default="sdpa,eager", help="attention implementations to compare")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an LLMRec config override")
+    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def overrides(args):
+    import yaml
+
+    out = {}
+    for entry in args.set:
+        key, eq, value = entry.partition("=")
+        if not (key and eq):
+            sys.exit(f"--set {entry!r}: expected KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def group_of(name):
+    low = name.lower()
+    return next((g for g, parts in GROUPS if any(p.lower() in low for p in parts)), "other (python, autograd, peft)")
+
+
+def probe(args):
+    """In this process: one warm-up epoch, one profiled epoch; prints PROBE {json}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from recbole_weaverec.model.llm.llmrec import LLMRec
+    from recbole_weaverec.model.llm.training import LoraLearner
+    from recbole_weaverec.quick_start import build_config, prepare
+
+    config = build_config("LLMRec", args.dataset, config_dict={"show_progress": False, "max_train_samples":
+                                                               2 * args.samples, **overrides(args),
+                                                               "train_attention": args.probe})
+    _, train, _, _ = prepare(config)
+    model = LLMRec(config, train._dataset)
+    samples = model.samples
+    learner = LoraLearner(model.llm, model.settings, len(samples))
+    learner.epoch(samples[:args.samples], model.builder, model.domains, epoch=0)
+    tokens, start = learner.tokens, time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        learner.epoch(samples[args.samples:], model.builder, model.domains, epoch=1)
+    seconds, tokens = time.perf_counter() - start, learner.tokens - tokens
+    by_group, by_op = defaultdict(float), {}
+    for e in prof.key_averages():
+        by_group[group_of(e.key)] += e.self_cpu_time_total
+        by_op[e.key] = e.self_cpu_time_total
+    total = sum(by_group.values()) or 1.0
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:8]
+    print("PROBE " + json.dumps({"tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
+                                 "groups": {g: v / total for g, v in by_group.items()},
+                                 "top": [(k, v / total) for k, v in top]}), flush=True)
+
+
+def main():
+    args = parse()
+    if args.probe:
+        return probe(args)
+    from benchmarks.results import write_section
+
+    results = {}
+    for kernel in [k for k in args.attention.split(",") if k]:
+        cmd = [sys.executable, __file__, "--probe", kernel, "--dataset", args.dataset, "--samples", str(args.samples),
+               *[x for e in args.set for x in ("--set", e)]]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = next((x for x in reversed(out.stdout.splitlines()) if x.startswith("PROBE ")), None)
+        if line is None:
+            sys.exit(f"attention {kernel!r} failed: {out.stderr.strip().splitlines()[-1:]}")
+        results[kernel] = json.loads(line[6:])
+        print(kernel, f"{results[kernel]['tok_s']:.0f} tok/s", flush=True)
+    kernels = list(results)
+    lines = ["| attention | non-pad tokens/s | × first |", "|---|---|---|"]
+    lines += [f"| {k} | {r['tok_s']:.0f} | {r['tok_s'] / results[kernels[0]]['tok_s']:.2f} |" for k, r in results.items()]
+    groups = sorted({g for r in results.values() for g in r["groups"]}, key=lambda g: -results[kernels[0]]["groups"]
+                    .get(g, 0.0))
+    lines += ["", "| share of self CPU time | " + " | ".join(kernels) + " |", "|---|" + "---|" * len(kernels)]
+    lines += [f"| {g} | " + " | ".join(f"{r['groups'].get(g, 0.0):.0%}" for r in results.values()) + " |"
+              for g in groups]
+    first = results[kernels[0]]
+    lines += ["", f"Top operators ({kernels[0]}): " + ", ".join(f"`{k}` {v:.0%}" for k, v in first["top"]) + "."]
+    body = "\n".join(lines) + f"""
+
+- {args.samples} LLMRec training prompts of `{args.dataset}` after a warm-up epoch of {args.samples} others, one
+  process per attention kernel; the LLMRec defaults{' with ' + ', '.join(args.set) if args.set else ''}
+  (bf16 autocast, LoRA r=16 on all linear layers). Shares: torch.profiler's self CPU time per operator (the
+  profiler's own overhead lowers tokens/s a little; compare rows, not with other sections).
+- Load average before the run: {os.getloadavg()[0]:.1f} (2 cores).
+"""
+    command = f"python benchmarks/llm_profile.py --dataset {args.dataset} --samples {args.samples} " \
+              f"--attention {args.attention}" + "".join(f" --set {e}" for e in args.set)
+    write_section("LLM training profile (issue 14.2)", body, command=command)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
