@@ -83,6 +83,9 @@ TRAIN_VARIANTS = [  # (label, config overrides): each measured in its own proces
     ("gradient checkpointing, 2048 tokens/pass", {"gradient_checkpointing": True, "train_tokens_per_pass": 2048}),
     ("gradient checkpointing, whole batch (batch 8)", {"gradient_checkpointing": True, "train_tokens_per_pass": None,
                                                        "train_batch_size": 8}),
+    ("the default + eager attention (train_attention)", {"gradient_checkpointing": True, "train_attention": "eager"}),
+    ("eager attention, no checkpointing, 1024 tokens/pass", {"gradient_checkpointing": False,
+                                                              "train_attention": "eager"}),
 ]
 SCORE_VARIANTS = [("old path: cache copied per candidate (fp32)", "old", {}),
                   ("packed answers, one uncopied cache (fp32, the default)", "new", {}),
