@@ -36,6 +36,7 @@ def parse():
     p.add_argument("--dataset", default="toys-sample")
     p.add_argument("--samples", type=int, default=16, help="training prompts per epoch (warm-up and profiled)")
     p.add_argument("--attention", default="sdpa,eager", help="attention implementations to compare")
+    p.add_argument("--score-users", type=int, default=6, help="users scored per kernel (fp32, 30 candidates)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an LLMRec config override")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
@@ -84,9 +85,32 @@ def probe(args):
         by_op[e.key] = e.self_cpu_time_total
     total = sum(by_group.values()) or 1.0
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:8]
+    s_user, diff = scoring(model, args.probe, args.score_users)
     print("PROBE " + json.dumps({"tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
                                  "groups": {g: v / total for g, v in by_group.items()},
-                                 "top": [(k, v / total) for k, v in top]}), flush=True)
+                                 "top": [(k, v / total) for k, v in top], "s_user": s_user, "score_diff": diff}),
+          flush=True)
+
+
+def scoring(model, kernel, n_users):
+    """s/user of fp32 scoring (30 candidates, adapter folded) with ``kernel``, and the largest score difference
+    from sdpa on the same folded model (training kernels leave slightly different bf16-trained adapters)."""
+    from recbole_weaverec.model.llm.scoring import score_candidates
+    from recbole_weaverec.model.llm.train_modes import _set_attention
+
+    model.fold()
+    titles = model.target.titles
+    users = [(model.builder.prompt_ids([titles[i] for i in s.history], [titles[i] for i in s.candidates]),
+              [model.builder.answer_ids(titles[c]) for c in s.candidates]) for s in model.samples[:n_users + 1]]
+    out = {}
+    for name in dict.fromkeys(["sdpa", kernel]):
+        _set_attention(model.llm, name)
+        score_candidates(model.llm, *users[0])  # warm-up
+        start = time.perf_counter()
+        scores = [score_candidates(model.llm, p, a).float() for p, a in users[1:]]
+        out[name] = ((time.perf_counter() - start) / max(1, len(users) - 1), scores)
+    diff = max((float((a - b).abs().max()) for a, b in zip(out[kernel][1], out["sdpa"][1])), default=0.0)
+    return out[kernel][0], diff
 
 
 def main():
@@ -98,7 +122,7 @@ def main():
     results = {}
     for kernel in [k for k in args.attention.split(",") if k]:
         cmd = [sys.executable, __file__, "--probe", kernel, "--dataset", args.dataset, "--samples", str(args.samples),
-               *[x for e in args.set for x in ("--set", e)]]
+               "--score-users", str(args.score_users), *[x for e in args.set for x in ("--set", e)]]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = next((x for x in reversed(out.stdout.splitlines()) if x.startswith("PROBE ")), None)
         if line is None:
@@ -106,8 +130,12 @@ def main():
         results[kernel] = json.loads(line[6:])
         print(kernel, f"{results[kernel]['tok_s']:.0f} tok/s", flush=True)
     kernels = list(results)
-    lines = ["| attention | non-pad tokens/s | × first |", "|---|---|---|"]
-    lines += [f"| {k} | {r['tok_s']:.0f} | {r['tok_s'] / results[kernels[0]]['tok_s']:.2f} |" for k, r in results.items()]
+    ref = results[kernels[0]]
+    lines = ["| attention | training: non-pad tokens/s | × first | scoring (fp32): s/user | × first | max \\|Δ score\\| "
+             "vs sdpa (same model) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {r['tok_s']:.0f} | {r['tok_s'] / ref['tok_s']:.2f} | {r['s_user']:.2f} | "
+              f"{ref['s_user'] / r['s_user']:.2f} | {r['score_diff']:.1e} |"
+              for k, r in results.items()]
     groups = sorted({g for r in results.values() for g in r["groups"]}, key=lambda g: -results[kernels[0]]["groups"]
                     .get(g, 0.0))
     lines += ["", "| share of self CPU time | " + " | ".join(kernels) + " |", "|---|" + "---|" * len(kernels)]
@@ -117,8 +145,9 @@ def main():
     lines += ["", f"Top operators ({kernels[0]}): " + ", ".join(f"`{k}` {v:.0%}" for k, v in first["top"]) + "."]
     body = "\n".join(lines) + f"""
 
-- {args.samples} LLMRec training prompts of `{args.dataset}` after a warm-up epoch of {args.samples} others, one
-  process per attention kernel; the LLMRec defaults{' with ' + ', '.join(args.set) if args.set else ''}
+- Training: {args.samples} LLMRec training prompts of `{args.dataset}` after a warm-up epoch of {args.samples}
+  others, one process per attention kernel; scoring: {args.score_users} users of those prompts (30 candidates, the
+  adapter folded, fp32, `score_candidates`) after one warm-up user; the LLMRec defaults{' with ' + ', '.join(args.set) if args.set else ''}
   (bf16 autocast, LoRA r=16 on all linear layers). Shares: torch.profiler's self CPU time per operator (the
   profiler's own overhead lowers tokens/s a little; compare rows, not with other sections).
 - Load average before the run: {os.getloadavg()[0]:.1f} (2 cores).
