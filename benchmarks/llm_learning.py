@@ -67,6 +67,9 @@ def parse():
     p.add_argument("--points", default="0,512,2048,8192", help="training prompts at which the curve is read")
     p.add_argument("--lr", type=float, default=DEFAULT_LR)
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    p.add_argument("--llm-score", default="mean", choices=["mean", "sum"],
+                   help="sum: score the curve's zero-shot model and its saved training state (the last point it "
+                        "reached) with each answer's log-probability instead of its length-normalised one; no training")
     p.add_argument("--tag", default="", help="a suffix naming a new curve, for example one whose schedule spans more "
                                              "prompts than an earlier curve of the same variant")
     p.add_argument("--sasrec-epochs", type=int, default=10)
@@ -152,6 +155,8 @@ def llm_curve(args, rows):
 
     points = sorted(int(p) for p in args.points.split(","))
     label = curve_label(args)
+    if args.llm_score != "mean":
+        return rescore(args, rows, label)
     done = [p for p in points if rows.get(f"llm/{label}/{p}")]
     if len(done) == len(points):
         return
@@ -204,19 +209,55 @@ def llm_curve(args, rows):
         report(args, rows)
 
 
+def rescore(args, rows, label):
+    """``--llm-score sum``: the zero-shot model and the curve's saved state (its last point), scored by the other
+    rule; rows ``llm/<curve>-<rule>/<N>``. Nothing is trained (the scoring rule does not change training)."""
+    from peft import set_peft_model_state_dict
+
+    from recbole_weaverec.stats import per_user_metrics
+
+    state = Path(args.workdir) / f"state-{curve_label(args, score=False)}" / "trainer.pt"
+    if not state.is_file():
+        sys.exit(f"{state} not found: train the curve first (the same arguments without --llm-score)")
+    saved = torch.load(state, weights_only=True)
+    extra = {**VARIANTS[args.variant], "max_train_samples": max(saved["position"], 1), "llm_score": args.llm_score}
+    config, net, trainer, _, _, test = setup("LLMRec", args, extra)
+    for n in (0, saved["position"]):
+        key = f"llm/{label}/{n}"
+        if rows.get(key):
+            continue
+        if n:
+            set_peft_model_state_dict(net.llm, saved["lora"])
+        net.llm.merge_adapter()
+        start = time.perf_counter()
+        users, values = per_user_metrics(trainer, test)
+        scoring = (time.perf_counter() - start) / len(users)
+        net.llm.unmerge_adapter()
+        seconds = saved["seconds"] if n else 0.0
+        rows.add(metric_row(key, users, values, model="LLMRec", variant=label, n=n, train_seconds=seconds,
+                            cpu_seconds=saved.get("cpu_seconds", 0.0) if n else 0.0, train_loss=None,
+                            tokens=saved["tokens"] if n else 0, s_per_user=scoring,
+                            settings={**extra, "learning_rate": args.lr, "train_batch_size": args.batch},
+                            load=os.getloadavg()[0]))
+        print(key, f"ndcg@5 {np.mean(values['ndcg@5']):.4f}", flush=True)
+        report(args, rows)
+
+
 def text_note(args):
     own = text_settings(args)["domain_settings"][args.target]
     return "; " + ", ".join(f"{k}={v}" for k, v in own.items()) if own else ""
 
 
-def curve_label(args):
-    """The curve's name in row keys: the variant, plus the learning rate and batch when not the defaults."""
+def curve_label(args, score=True):
+    """The curve's name in row keys: the variant, plus the learning rate and batch when not the defaults, the tag,
+    and the scoring rule when not the default (``score=False``: the name of the training run it scores)."""
     label = args.variant
     if args.lr != DEFAULT_LR:
         label += f"-lr{args.lr:g}"
     if args.batch != DEFAULT_BATCH:
         label += f"-b{args.batch}"
-    return label + (f"-{args.tag}" if args.tag else "")
+    label += f"-{args.tag}" if args.tag else ""
+    return label + (f"-{args.llm_score}" if score and args.llm_score != "mean" else "")
 
 
 def aligned(row, ref):
@@ -281,7 +322,8 @@ def report(args, rows):
                                               ("title_field", args.title_field),
                                               ("title_fallback_field", args.title_fallback_field), ("tag", args.tag))
                                               if v and
-                                              (k, v) != ("title_fallback_field", "categories")))
+                                              (k, v) != ("title_fallback_field", "categories"))
+                                          + (f" --llm-score {args.llm_score}" if args.llm_score != "mean" else ""))
     chart(llm, base, chart_path)
     if rows.path.resolve() != repo_rows.resolve():
         shutil.copyfile(rows.path, repo_rows)

@@ -122,6 +122,45 @@ def test_packed_scoring_equals_one_forward_per_candidate(tokenizer, attn):
         assert torch.allclose(fast, slow, atol=1e-5), (chunk, (fast - slow).abs().max())
 
 
+def test_sum_scoring_is_each_answers_log_probability_single_and_batched(tokenizer):
+    """``llm_score: sum``: the answer's log-probability (no length normalisation), on both scoring paths."""
+    from recbole_weaverec.model.llm.scoring import score_users
+
+    model = tiny_llama(tokenizer, seed=1)
+    b = PromptBuilder(tokenizer, 5, 12, True)
+    prompt = b.prompt_ids(TITLES[1:4], TITLES[4:9])
+    answers = [b.answer_ids(t) for t in TITLES[1:]] + [[tokenizer.eos_token_id]]
+    lengths = torch.tensor([len(a) for a in answers], dtype=torch.float32)
+    total = naive_scores(model, prompt, answers) * lengths
+    assert len(set(lengths.tolist())) > 1  # otherwise sum and mean would rank alike
+    assert torch.allclose(score_candidates(model, prompt, answers, normalize=False), total, atol=1e-4)
+    other = (b.prompt_ids(TITLES[2:3], TITLES[1:4]), answers[:3])
+    batched = score_users(model, [(prompt, answers), other], normalize=False)
+    assert torch.allclose(batched[0], total, atol=1e-4)
+    assert torch.allclose(batched[1], naive_scores(model, *other) * lengths[:3], atol=1e-4)
+
+
+def test_llm_score_reaches_the_scorer_and_is_checked(tmp_path, monkeypatch):
+    from recbole_weaverec.config import ConfigError
+    from recbole_weaverec.model.llm import base
+    from recbole_weaverec.quick_start import build_config
+
+    with pytest.raises(ConfigError, match=r"^llm_score='total' is not allowed: expected one of mean, sum$"):
+        build_config("LLMRec", "toys-sample", config_dict={"llm_score": "total"})
+    seen = []
+    monkeypatch.setattr(base, "score_candidates", lambda *a, normalize=True, **k: seen.append(normalize) or
+                        torch.zeros(len(a[2])))
+    for rule in ("mean", "sum"):
+        model = type("M", (), {"config": {"llm_score": rule, "score_chunk_size": 4}, "tokenizer": tokenizer_stub(),
+                               "llm": None, "_user_inputs": lambda self, *r: ([1], [[2], [3]], [0, 1])})()
+        base.LLMRecommender.score_user(model, [1], [2, 3])
+    assert seen == [True, False]
+
+
+def tokenizer_stub():
+    return type("T", (), {"pad_token_id": 0})()
+
+
 @pytest.mark.parametrize("given", [None, "8"])
 def test_onednn_cache_cap_is_a_default_the_user_can_override(given):
     """The package caps oneDNN's primitive cache (the main job's memory, issue 14.1) unless the user set it."""

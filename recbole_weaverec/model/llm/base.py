@@ -72,6 +72,7 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
         check_bool(config, "train_valid_items")
         check_choice(config, "llm_dtype", tuple(DTYPES))
         check_choice(config, "llm_eval", LLM_EVALS)
+        check_choice(config, "llm_score", ("mean", "sum"))
         check_int(config, "generate_max_new_tokens", low=1, allow_none=True)
         if config["llm_eval"] == "generate" and "full" in _modes(config):
             raise ConfigError(f"llm_eval='generate' is not allowed with eval_mode=full (eval_args.mode="
@@ -232,7 +233,7 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
         RecBole's order, which puts the true item first)."""
         prompt, answers, picks = self._user_inputs(history, candidates, listed, order_seed)
         scores = score_candidates(self.llm, prompt, answers, self.config["score_chunk_size"],
-                                  self.tokenizer.pad_token_id)
+                                  self.tokenizer.pad_token_id, normalize=self.config["llm_score"] != "sum")
         return scores[picks]
 
     def generate_user(self, history, candidates, listed=None, order_seed=0):
@@ -262,7 +263,7 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
             else:
                 inputs = [self._user_inputs(*r) for r in batch]
                 scores = score_users(self.llm, [(p, a) for p, a, _ in inputs], self.config["score_chunk_size"],
-                                     self.tokenizer.pad_token_id)
+                                     self.tokenizer.pad_token_id, normalize=self.config["llm_score"] != "sum")
                 out += [s[picks] for s, (_, _, picks) in zip(scores, inputs)]
             if progress is not None:
                 progress.update(len(batch))

@@ -1,4 +1,5 @@
-"""Candidate scores: the length-normalised log-likelihood of each candidate's answer (title + end-of-turn).
+"""Candidate scores: the length-normalised log-likelihood of each candidate's answer (title + end-of-turn), or with
+``normalize=False`` (``llm_score: sum``) its log-probability, the sum over its tokens.
 
 One forward pass over the prompt fills a key/value cache (batch 1). Each chunk of candidates then goes through the
 model as ONE packed row appended to that cache: the answers' tokens side by side, position ids restarting after the
@@ -37,17 +38,18 @@ def _forward(model, cache, **kwargs):
     return model(**{_cache_kwarg(type(_base(model))): cache}, use_cache=True, **kwargs)
 
 
-def score_candidates(model, prompt_ids, answers, chunk_size=64, pad_id=0, grad=False):
-    """Length-normalised log-likelihood (float32 tensor [len(answers)]) of each answer given the prompt.
+def score_candidates(model, prompt_ids, answers, chunk_size=64, pad_id=0, grad=False, normalize=True):
+    """Length-normalised log-likelihood (float32 tensor [len(answers)]) of each answer given the prompt; with
+    ``normalize=False`` the answer's log-probability (sum over its tokens).
 
     ``grad=True`` keeps the autograd graph (e.g. to fit merge coefficients on these scores): all candidates then go
     in one chunk, and the scores stay on the model's device. ``pad_id`` is unused (packed rows have no padding); it
     stays for callers written against the padded path."""
     if grad:
         with torch.enable_grad():
-            return _score(model, prompt_ids, answers, max(1, len(answers)), keep_graph=True)
+            return _score(model, prompt_ids, answers, max(1, len(answers)), keep_graph=True, normalize=normalize)
     with torch.inference_mode():
-        return _score(model, prompt_ids, answers, chunk_size, keep_graph=False)
+        return _score(model, prompt_ids, answers, chunk_size, keep_graph=False, normalize=normalize)
 
 
 def packed_answers(answers, n_prompt, device):
@@ -77,7 +79,7 @@ def _attention_mask(model, mask):
     return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, -torch.inf)
 
 
-def _score(model, prompt_ids, answers, chunk_size, keep_graph):
+def _score(model, prompt_ids, answers, chunk_size, keep_graph, normalize=True):
     device = next(model.parameters()).device
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     n_prompt = prompt.shape[1]
@@ -98,12 +100,12 @@ def _score(model, prompt_ids, answers, chunk_size, keep_graph):
             token_logp = logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
             logp = logp.index_add(0, owner, token_logp)
             cache.crop(-ids.shape[1])  # the next chunk sees the prompt only (negative: tokens to drop)
-        scores.append(logp / lengths)
+        scores.append(logp / lengths if normalize else logp)
     out = torch.cat(scores).float()
     return out if keep_graph else out.cpu()
 
 
-def score_users(model, users, chunk_size=64, pad_id=0):
+def score_users(model, users, chunk_size=64, pad_id=0, normalize=True):
     """``score_candidates`` of several users (a list of (prompt ids, answers)) from batched forwards: one over the B
     left-padded prompts, then one per chunk of ``chunk_size`` candidates of every user. Returns a float32 CPU tensor
     per user; the same numbers as one user at a time up to float rounding (kernels see other shapes)."""
@@ -111,10 +113,10 @@ def score_users(model, users, chunk_size=64, pad_id=0):
     if not users:
         return []
     with torch.inference_mode():
-        return _score_batch(model, users, chunk_size, pad_id)
+        return _score_batch(model, users, chunk_size, pad_id, normalize)
 
 
-def _score_batch(model, users, chunk_size, pad_id):
+def _score_batch(model, users, chunk_size, pad_id, normalize=True):
     device = next(model.parameters()).device
     n_prompt = [len(p) for p, _ in users]
     width = max(n_prompt)
@@ -153,7 +155,8 @@ def _score_batch(model, users, chunk_size, pad_id):
             cache.crop(-length)  # the next chunk sees the prompts only (negative: tokens to drop)
         for u, c in enumerate(chunks):
             if c:
-                scores[u].append(logp[u] / torch.tensor([len(a) for a in c], dtype=torch.float32, device=device))
+                scores[u].append(logp[u] / torch.tensor([len(a) for a in c], dtype=torch.float32, device=device)
+                                 if normalize else logp[u])
     return [torch.cat(s).float().cpu() if s else torch.zeros(0) for s in scores]
 
 
