@@ -46,6 +46,8 @@ def parse(argv=None):
     p.add_argument("--samples", type=int, default=512, help="training prompts per module (θ0, each side of a "
                                                             "hybrid, each LLMMerge/LLMJoint domain)")
     p.add_argument("--variant", default="short", choices=sorted(VARIANTS))
+    p.add_argument("--llm-score", default="mean", choices=["mean", "sum"],
+                   help="llm_score of every LLM row: mean = length-normalised log-likelihood, sum = log-probability")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--domain-setting", action="append", default=[], metavar="NAME:KEY=VALUE",
@@ -91,7 +93,8 @@ def cases(args):
 def tag(args):
     """What an LLM row depends on beyond its model and sources: a row of other settings is never reused."""
     backbone = "embedded" if args.llm_path == "embedded" else Path(args.llm_path).name
-    return f"{args.variant}-n{args.samples}-lr{args.lr:g}-b{args.batch}-u{args.users}-{backbone}"
+    score = "" if args.llm_score == "mean" else f"-{args.llm_score}"  # mean rows keep their keys
+    return f"{args.variant}-n{args.samples}-lr{args.lr:g}-b{args.batch}-u{args.users}-{backbone}{score}"
 
 
 def row_key(model, args, sources=None):
@@ -111,6 +114,7 @@ def llm_config(args, sources):
     return {**common(args), **VARIANTS[args.variant], "source_domains": list(sources), "llm_path": args.llm_path,
             "max_train_samples": n, "weave_target_samples": n, "weave_source_samples": n,
             "learning_rate": args.lr, "train_batch_size": args.batch, "epochs": 1, "train_bf16": True,
+            "llm_score": args.llm_score,
             "eval_step": 0,  # one epoch leaves nothing for validation to choose: no validation pass (~1/4 of scoring)
             # one folder per setting: θ0 and each per-domain module are trained once and reused by every run
             "adapter_dir": str(Path(args.workdir) / "adapters" / tag(args))}
@@ -296,7 +300,8 @@ def report(args, rows):
     settings = domain_settings(args)
     setup = (f"Setup: target `{args.target}`, test split, uni29 (true next item + 29 sampled, identical for every "
              f"row), {args.users} seeded test users (seed 2020); LLM rows: backbone {backbone}, variant "
-             f"`{args.variant}` ({VARIANTS[args.variant]}), N = {args.samples} training prompts per module, lr "
+             f"`{args.variant}` ({VARIANTS[args.variant]}), scored by `llm_score: {args.llm_score}`, N = {args.samples} "
+             f"training prompts per module, lr "
              f"{args.lr:g}, batch {args.batch}, 1 epoch (no validation pass), bf16 training; domain settings "
              f"{settings or 'none'}. "
              f"θ0 and zero-shot are WeaveRec's own comparison evaluations; modules are trained once per setting "
@@ -305,7 +310,8 @@ def report(args, rows):
     body = report_body(rows.rows, args.target, case_list, keys, setup)
     command = (f"python benchmarks/paper_comparison.py --target {args.target} --sources {','.join(args.sources)} "
                f"--users {args.users} --samples {args.samples} --variant {args.variant} --lr {args.lr:g} "
-               f"--batch {args.batch}" + "".join(f" --domain-setting {d}" for d in args.domain_setting)
+               f"--batch {args.batch}" + (f" --llm-score {args.llm_score}" if args.llm_score != "mean" else "")
+               + "".join(f" --domain-setting {d}" for d in args.domain_setting)
                + (f" --title-fallback-field {args.title_fallback_field}"
                   if args.title_fallback_field != "categories" else "")
                + (f" --llm-path {args.llm_path}" if args.llm_path != "embedded" else ""))
