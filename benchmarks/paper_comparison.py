@@ -300,8 +300,8 @@ def report(args, rows):
     settings = domain_settings(args)
     setup = (f"Setup: target `{args.target}`, test split, uni29 (true next item + 29 sampled, identical for every "
              f"row), {args.users} seeded test users (seed 2020); LLM rows: backbone {backbone}, variant "
-             f"`{args.variant}` ({VARIANTS[args.variant]}), scored by `llm_score: {args.llm_score}`, N = {args.samples} "
-             f"training prompts per module, lr "
+             f"`{args.variant}` ({VARIANTS[args.variant]}), scored by `llm_score: {args.llm_score}`, "
+             f"N = {args.samples} training prompts per module, lr "
              f"{args.lr:g}, batch {args.batch}, 1 epoch (no validation pass), bf16 training; domain settings "
              f"{settings or 'none'}. "
              f"θ0 and zero-shot are WeaveRec's own comparison evaluations; modules are trained once per setting "
