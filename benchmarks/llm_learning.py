@@ -151,7 +151,6 @@ def llm_curve(args, rows):
 
     from recbole_weaverec.model.llm.training import LoraLearner
     from recbole_weaverec.model.llm.samples import mix_samples
-    from recbole_weaverec.stats import per_user_metrics
 
     points = sorted(int(p) for p in args.points.split(","))
     label = curve_label(args)
@@ -192,11 +191,7 @@ def llm_curve(args, rows):
             seconds += time.perf_counter() - start
             cpu += time.process_time() - start_cpu
             position = n
-        net.llm.merge_adapter()  # score at the base model's cost; unmerged again to go on training
-        start = time.perf_counter()
-        users, values = per_user_metrics(trainer, test)
-        scoring = (time.perf_counter() - start) / len(users)
-        net.llm.unmerge_adapter()
+        users, values, scoring = score_point(net, trainer, test)
         state.mkdir(parents=True, exist_ok=True)
         torch.save({"lora": get_peft_model_state_dict(net.llm), "optimizer": learner.optimizer.state_dict(),
                     "scheduler": learner.scheduler.state_dict(), "seconds": seconds, "position": position,
@@ -209,12 +204,23 @@ def llm_curve(args, rows):
         report(args, rows)
 
 
+def score_point(net, trainer, test):
+    """Per-user test metrics and s/user of the current LoRA, merged to score at the base model's cost and unmerged
+    again (to go on training)."""
+    from recbole_weaverec.stats import per_user_metrics
+
+    net.llm.merge_adapter()
+    start = time.perf_counter()
+    users, values = per_user_metrics(trainer, test)
+    scoring = (time.perf_counter() - start) / len(users)
+    net.llm.unmerge_adapter()
+    return users, values, scoring
+
+
 def rescore(args, rows, label):
     """``--llm-score sum``: the zero-shot model and the curve's saved state (its last point), scored by the other
     rule; rows ``llm/<curve>-<rule>/<N>``. Nothing is trained (the scoring rule does not change training)."""
     from peft import set_peft_model_state_dict
-
-    from recbole_weaverec.stats import per_user_metrics
 
     state = Path(args.workdir) / f"state-{curve_label(args, score=False)}" / "trainer.pt"
     if not state.is_file():
@@ -228,11 +234,7 @@ def rescore(args, rows, label):
             continue
         if n:
             set_peft_model_state_dict(net.llm, saved["lora"])
-        net.llm.merge_adapter()
-        start = time.perf_counter()
-        users, values = per_user_metrics(trainer, test)
-        scoring = (time.perf_counter() - start) / len(users)
-        net.llm.unmerge_adapter()
+        users, values, scoring = score_point(net, trainer, test)
         seconds = saved["seconds"] if n else 0.0
         rows.add(metric_row(key, users, values, model="LLMRec", variant=label, n=n, train_seconds=seconds,
                             cpu_seconds=saved.get("cpu_seconds", 0.0) if n else 0.0, train_loss=None,
