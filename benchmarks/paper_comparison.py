@@ -48,6 +48,9 @@ def parse(argv=None):
     p.add_argument("--variant", default="short", choices=sorted(VARIANTS))
     p.add_argument("--llm-score", default="mean", choices=["mean", "sum"],
                    help="llm_score of every LLM row: mean = length-normalised log-likelihood, sum = log-probability")
+    p.add_argument("--rescore", action="store_true",
+                   help="also score θ0 (the trained target adapter, reused: no training) by the other llm_score rule, "
+                        "as the row 'LLMRec (θ0), llm_score OTHER', compared with θ0 on the same users")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--domain-setting", action="append", default=[], metavar="NAME:KEY=VALUE",
@@ -208,6 +211,32 @@ def run_case(args, rows, case, sources, after_row):
         after_row()
 
 
+def other_score(args):
+    return "mean" if args.llm_score == "sum" else "sum"
+
+
+def rescore_label(args):
+    return f"LLMRec (θ0), llm_score {other_score(args)}"
+
+
+def run_rescore(args, rows, after_row):
+    """θ0 (the target's own adapter, trained by the case's WeaveRec run into the setting's adapter folder) scored
+    by the other rule: LLMRec given that adapter (``adapter_paths``) and the other llm_score, so nothing trains."""
+    key = row_key(rescore_label(args), args, [])
+    if rows.get(key):
+        return
+    folder = Path(llm_config(args, [])["adapter_dir"]) / args.target
+    if not (folder / "adapter_config.json").exists():
+        sys.exit(f"{folder}: no θ0 adapter to rescore (the case's WeaveRec run trains it; run without --rescore)")
+    config = {**llm_config(args, []), "llm_score": other_score(args), "adapter_paths": {args.target: str(folder)}}
+    config.pop("source_domains")
+    out, seconds = timed_run("LLMRec", args, config)  # LLMRec with adapter_paths evaluates it and trains nothing
+    rows.add(as_row(key, rescore_label(args), "rescore", out["test_per_user"], seconds,
+                    {"model": "LLMRec", "target": args.target, **config},
+                    "θ0 reused from the adapter folder, scored by the other rule"))
+    after_row()
+
+
 # --- report (pure: rows in, text out) ----------------------------------------------------------------------------
 def aligned(row, ref):
     """``row``'s per-user metrics in the user order of ``ref``; refused unless both hold exactly the same users."""
@@ -292,6 +321,17 @@ def report_body(rows, target, case_list, keys, setup):
     return "\n".join(out) + "\n" + "\n".join(lines) + "\n"
 
 
+def rescore_line(by_key, keys):
+    """The scoring-rule comparison on the same θ0, when a ``--rescore`` row exists."""
+    (label, key), = keys["rescore"].items()
+    row, ref = by_key.get(key), by_key.get(keys["single"]["LLMRec (θ0)"])
+    if row is None or ref is None:
+        return ""
+    return (f"- Scoring rule on the same θ0: {label} {np.mean(row['metrics']['ndcg@5']):.4f} NDCG@5 vs "
+            f"{np.mean(ref['metrics']['ndcg@5']):.4f}, Δ {fmt(delta(row, ref))} ({row['seconds']:.0f} s, "
+            f"scoring only).\n")
+
+
 def report(args, rows):
     case_list = cases(args)
     keys = {case: {**{b: row_key(b, args) for b in BASELINES}, **{m: row_key(m, args, s) for m in LLM_ROWS}}
@@ -308,6 +348,8 @@ def report(args, rows):
              f"and reused (a run's wall seconds exclude modules an earlier run trained). Rows: "
              f"`{Path(args.workdir) / 'rows.jsonl'}` (copied to `benchmarks/{repo_rows(args).name}`; resumable).")
     body = report_body(rows.rows, args.target, case_list, keys, setup)
+    by_key = {r["key"]: r for r in rows.rows}
+    body += rescore_line(by_key, {**keys, "rescore": {rescore_label(args): row_key(rescore_label(args), args, [])}})
     command = (f"python benchmarks/paper_comparison.py --target {args.target} --sources {','.join(args.sources)} "
                f"--users {args.users} --samples {args.samples} --variant {args.variant} --lr {args.lr:g} "
                f"--batch {args.batch}" + (f" --llm-score {args.llm_score}" if args.llm_score != "mean" else "")
@@ -343,6 +385,8 @@ def main(argv=None):
                 report(args, rows)
         for case, sources in cases(args):
             run_case(args, rows, case, sources, lambda: report(args, rows))
+        if args.rescore:
+            run_rescore(args, rows, lambda: report(args, rows))
     report(args, rows)
     print("rows:", ", ".join(r["key"] for r in rows.rows), flush=True)
 

@@ -59,3 +59,18 @@ def test_cases_and_domain_settings():
                                         "ml-100k": {"title_field": "movie_title", "title_fallback_field": None}}
     one = pc.parse(["--target", "ml-100k", "--sources", "amazon-toys", "--workdir", "/tmp/x"])
     assert pc.cases(one) == [("single", ["amazon-toys"])]
+
+
+def test_rescore_line_compares_the_same_theta0_under_the_other_rule():
+    args = pc.parse(["--target", "ml-100k", "--sources", "amazon-toys", "--workdir", "/tmp/x", "--llm-score", "sum"])
+    assert pc.rescore_label(args) == "LLMRec (θ0), llm_score mean"
+    theta0_key = pc.row_key("LLMRec (θ0)", args, ["amazon-toys"])
+    rescore_key = pc.row_key(pc.rescore_label(args), args, [])
+    assert rescore_key != theta0_key
+    base = np.asarray([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    keys = {"single": {"LLMRec (θ0)": theta0_key}, "rescore": {pc.rescore_label(args): rescore_key}}
+    theta0, other = row(theta0_key, base + 0.1), row(rescore_key, base)
+    assert pc.rescore_line({theta0_key: theta0}, keys) == ""  # nothing to say before the rescore row exists
+    line = pc.rescore_line({theta0_key: theta0, rescore_key: other}, keys)
+    assert "LLMRec (θ0), llm_score mean 0.3500 NDCG@5 vs 0.4500" in line
+    assert pc.fmt(pc.delta(other, theta0)) in line and "-0.1000" in line
