@@ -1,17 +1,21 @@
 """Issue 14.2: where a LoRA training pass spends its CPU time (torch.profiler), and the attention kernels side by side.
 
-One process per attention implementation: a warm-up epoch, then one profiled epoch over the same prompts (the
-LLMRec defaults of ``--dataset``, bf16 autocast, gradient checkpointing as configured). Prints and writes to
-benchmarks/RESULTS.md ("LLM training profile"): tokens/s per attention kernel, and the share of self CPU time per
-operator group (matmuls, attention, element-wise, casts, optimizer) and the top operators.
+One process per variant (an attention kernel, ``+compile`` for compiled decoder layers): a warm-up epoch (timed: it
+holds the compiling), a timed epoch and a profiled epoch, each over other prompts (the LLMRec defaults of
+``--dataset``, bf16 autocast, gradient checkpointing as configured). Prints and writes to benchmarks/RESULTS.md ("LLM
+training profile"): tokens/s per variant, and the share of self CPU time per operator group (matmuls, attention,
+element-wise, casts, optimizer) and the top operators.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/llm_profile.py --dataset toys-sample --samples 16
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/llm_profile.py --dataset toys-sample --samples 16 \
+        --attention sdpa,eager,sdpa+compile,eager+compile
 """
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,6 +31,8 @@ GROUPS = (  # (group, operator name fragments), first match wins
     ("dtype casts / copies", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous")),
     ("optimizer (AdamW)", ("adam", "_foreach", "aten::lerp", "aten::addcdiv", "aten::addcmul")),
     ("loss (log-softmax, NLL)", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("fused kernels of torch.compile", ("compiledfxgraph", "cpp_fused", "triton_", "compiledfunction",
+                                        "torch-compiled", "torchdynamo")),
     ("element-wise (norm, act, rotary, add, mul)", ("aten::",)),
 )
 
@@ -35,7 +41,8 @@ def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="toys-sample")
     p.add_argument("--samples", type=int, default=16, help="training prompts per epoch (warm-up and profiled)")
-    p.add_argument("--attention", default="sdpa,eager", help="attention implementations to compare")
+    p.add_argument("--attention", default="sdpa,eager,eager+compile",
+                   help="variants to compare: attention kernels, each optionally with +compile (train_compile)")
     p.add_argument("--score-users", type=int, default=6, help="users scored per kernel (fp32, 30 candidates)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an LLMRec config override")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
@@ -67,28 +74,38 @@ def probe(args):
     from recbole_weaverec.model.llm.training import LoraLearner
     from recbole_weaverec.quick_start import build_config, prepare
 
+    kernel, _, compiled = args.probe.partition("+")
     config = build_config("LLMRec", args.dataset, config_dict={"show_progress": False, "max_train_samples":
-                                                               2 * args.samples, **overrides(args),
-                                                               "train_attention": args.probe})
+                                                               3 * args.samples, **overrides(args),
+                                                               "train_attention": kernel,
+                                                               "train_compile": compiled == "compile"})
     _, train, _, _ = prepare(config)
     model = LLMRec(config, train._dataset)
-    samples = model.samples
+    samples, n = model.samples, args.samples
     learner = LoraLearner(model.llm, model.settings, len(samples))
-    learner.epoch(samples[:args.samples], model.builder, model.domains, epoch=0)
-    tokens, start = learner.tokens, time.perf_counter()
+
+    def timed(epoch, profiler=None):
+        tokens, start = learner.tokens, time.perf_counter()
+        learner.epoch(samples[epoch * n:(epoch + 1) * n], model.builder, model.domains, epoch=epoch)
+        return time.perf_counter() - start, learner.tokens - tokens
+
+    warm_s, warm_tokens = timed(0)  # compiling happens here
+    seconds, tokens = timed(1)
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # before the profiler's own records
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        learner.epoch(samples[args.samples:], model.builder, model.domains, epoch=1)
-    seconds, tokens = time.perf_counter() - start, learner.tokens - tokens
+        timed(2)
     by_group, by_op = defaultdict(float), {}
     for e in prof.key_averages():
         by_group[group_of(e.key)] += e.self_cpu_time_total
         by_op[e.key] = e.self_cpu_time_total
     total = sum(by_group.values()) or 1.0
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:8]
-    s_user, diff = scoring(model, args.probe, args.score_users)
+    s_user, diff = scoring(model, kernel, args.score_users)
     print("PROBE " + json.dumps({"tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
+                                 "warm_s": warm_s, "warm_extra_s": warm_s - warm_tokens * seconds / tokens,
                                  "groups": {g: v / total for g, v in by_group.items()},
-                                 "top": [(k, v / total) for k, v in top], "s_user": s_user, "score_diff": diff}),
+                                 "top": [(k, v / total) for k, v in top], "s_user": s_user, "score_diff": diff,
+                                 "rss_gb": rss_gb}),
           flush=True)
 
 
@@ -123,7 +140,9 @@ def main():
     for kernel in [k for k in args.attention.split(",") if k]:
         cmd = [sys.executable, __file__, "--probe", kernel, "--dataset", args.dataset, "--samples", str(args.samples),
                "--score-users", str(args.score_users), *[x for e in args.set for x in ("--set", e)]]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        with tempfile.TemporaryDirectory() as cache:  # a cold compile each time: the warm-up shows its real cost
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                                 env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
         line = next((x for x in reversed(out.stdout.splitlines()) if x.startswith("PROBE ")), None)
         if line is None:
             sys.exit(f"attention {kernel!r} failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -131,9 +150,11 @@ def main():
         print(kernel, f"{results[kernel]['tok_s']:.0f} tok/s", flush=True)
     kernels = list(results)
     ref = results[kernels[0]]
-    lines = ["| attention | training: non-pad tokens/s | × first | scoring (fp32): s/user | × first | max \\|Δ score\\| "
-             "vs sdpa (same model) |", "|---|---|---|---|---|---|"]
-    lines += [f"| {k} | {r['tok_s']:.0f} | {r['tok_s'] / ref['tok_s']:.2f} | {r['s_user']:.2f} | "
+    lines = ["| training variant | training: non-pad tokens/s | × first | warm-up epoch s (of it beyond the timed "
+             "speed) | peak RSS | scoring (fp32): s/user | × first | max \\|Δ score\\| vs sdpa (same model) |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {r['tok_s']:.0f} | {r['tok_s'] / ref['tok_s']:.2f} | {r['warm_s']:.0f} "
+              f"({r['warm_extra_s']:+.0f}) | {r['rss_gb']:.2f} GB | {r['s_user']:.2f} | "
               f"{ref['s_user'] / r['s_user']:.2f} | {r['score_diff']:.1e} |"
               for k, r in results.items()]
     groups = sorted({g for r in results.values() for g in r["groups"]}, key=lambda g: -results[kernels[0]]["groups"]
@@ -141,14 +162,17 @@ def main():
     lines += ["", "| share of self CPU time | " + " | ".join(kernels) + " |", "|---|" + "---|" * len(kernels)]
     lines += [f"| {g} | " + " | ".join(f"{r['groups'].get(g, 0.0):.0%}" for r in results.values()) + " |"
               for g in groups]
-    first = results[kernels[0]]
-    lines += ["", f"Top operators ({kernels[0]}): " + ", ".join(f"`{k}` {v:.0%}" for k, v in first["top"]) + "."]
+    lines += [""] + [f"- Top operators ({k}): " + ", ".join(f"`{op}` {v:.0%}" for op, v in r["top"]) + "."
+                     for k, r in results.items()]
     body = "\n".join(lines) + f"""
 
-- Training: {args.samples} LLMRec training prompts of `{args.dataset}` after a warm-up epoch of {args.samples}
-  others, one process per attention kernel; scoring: {args.score_users} users of those prompts (30 candidates, the
-  adapter folded, fp32, `score_candidates`) after one warm-up user; the LLMRec defaults{' with ' + ', '.join(args.set) if args.set else ''}
-  (bf16 autocast, LoRA r=16 on all linear layers). Shares: torch.profiler's self CPU time per operator (the
+- Training: one process per variant: a warm-up epoch of {args.samples} LLMRec training prompts of `{args.dataset}`
+  (timed: it holds the compiling, from an empty inductor cache; in brackets its seconds beyond the timed speed), then a timed epoch of
+  {args.samples} others (tokens/s) and a profiled epoch of {args.samples} more (the shares); `+compile` =
+  `train_compile: True` (each decoder layer through torch.compile, dynamic shapes); peak RSS of the process
+  after the timed epoch (compile workers and the profiler's records not counted); scoring: {args.score_users} users of those prompts (30 candidates, the
+  adapter folded, fp32, `score_candidates`, never compiled) after one warm-up user; the LLMRec defaults{' with ' + ', '.join(args.set) if args.set else ''}
+  (bf16 autocast, gradient checkpointing, LoRA r=16 on all linear layers). Shares: torch.profiler's self CPU time per operator (the
   profiler's own overhead lowers tokens/s a little; compare rows, not with other sections).
 - Load average before the run: {os.getloadavg()[0]:.1f} (2 cores).
 """

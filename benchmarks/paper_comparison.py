@@ -35,6 +35,12 @@ BASELINES = ("Pop", "EASE")
 LLM_ROWS = ("WeaveRec (average)", "LLMRec (θ0)", "zero-shot", "LLMMerge (average)", "LLMJoint")
 FROM_WEAVEREC = {"LLMRec (θ0)": "target_only_test_result", "zero-shot": "zero_shot_test_result"}
 METRICS = ("ndcg@5", "hit@5", "mrr@5")
+LEARNED = {"weave_merge": "learned", "weave_learn_steps": 64, "weave_learn_users": 32,  # --learned
+           "weave_compare_target_only": False}  # θ0 / zero-shot are already rows: one test pass only
+
+
+def llm_rows(args):
+    return LLM_ROWS + (("WeaveRec (learned)",) if args.learned else ())
 
 
 def parse(argv=None):
@@ -51,6 +57,8 @@ def parse(argv=None):
     p.add_argument("--rescore", action="store_true",
                    help="also score θ0 (the trained target adapter, reused: no training) by the other llm_score rule, "
                         "as the row 'LLMRec (θ0), llm_score OTHER', compared with θ0 on the same users")
+    p.add_argument("--learned", action="store_true",
+                   help="also WeaveRec with weave_merge: learned (its modules reused from the average run's folder)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--domain-setting", action="append", default=[], metavar="NAME:KEY=VALUE",
@@ -199,8 +207,9 @@ def run_case(args, rows, case, sources, after_row):
             rows.add(as_row(row_key(model, args, sources), model, case, per_user,
                             seconds if extra is None else None, summary, note))
         after_row()
-    for model, name, extra in (("LLMMerge (average)", "LLMMerge", {"merge_method": "average"}),
-                               ("LLMJoint", "LLMJoint", {})):
+    learned = [("WeaveRec (learned)", "WeaveRec", LEARNED)] if args.learned else []
+    for model, name, extra in learned + [("LLMMerge (average)", "LLMMerge", {"merge_method": "average"}),
+                                         ("LLMJoint", "LLMJoint", {})]:
         key = row_key(model, args, sources)
         if rows.get(key):
             continue
@@ -334,7 +343,7 @@ def rescore_line(by_key, keys):
 
 def report(args, rows):
     case_list = cases(args)
-    keys = {case: {**{b: row_key(b, args) for b in BASELINES}, **{m: row_key(m, args, s) for m in LLM_ROWS}}
+    keys = {case: {**{b: row_key(b, args) for b in BASELINES}, **{m: row_key(m, args, s) for m in llm_rows(args)}}
             for case, s in case_list}
     backbone = "SmolLM2-135M-Instruct (embedded)" if args.llm_path == "embedded" else f"`{args.llm_path}`"
     settings = domain_settings(args)
@@ -344,7 +353,10 @@ def report(args, rows):
              f"N = {args.samples} training prompts per module, lr "
              f"{args.lr:g}, batch {args.batch}, 1 epoch (no validation pass), bf16 training; domain settings "
              f"{settings or 'none'}. "
-             f"θ0 and zero-shot are WeaveRec's own comparison evaluations; modules are trained once per setting "
+             + (f"WeaveRec (learned): λ per adapted module learned by {LEARNED['weave_learn_steps']} Adam steps "
+                f"on {LEARNED['weave_learn_users']} validation users' prompts (no labels), the same modules as "
+                f"the average. " if args.learned else "")
+             + f"θ0 and zero-shot are WeaveRec's own comparison evaluations; modules are trained once per setting "
              f"and reused (a run's wall seconds exclude modules an earlier run trained). Rows: "
              f"`{Path(args.workdir) / 'rows.jsonl'}` (copied to `benchmarks/{repo_rows(args).name}`; resumable).")
     body = report_body(rows.rows, args.target, case_list, keys, setup)
@@ -356,7 +368,8 @@ def report(args, rows):
                + "".join(f" --domain-setting {d}" for d in args.domain_setting)
                + (f" --title-fallback-field {args.title_fallback_field}"
                   if args.title_fallback_field != "categories" else "")
-               + (f" --llm-path {args.llm_path}" if args.llm_path != "embedded" else ""))
+               + (f" --llm-path {args.llm_path}" if args.llm_path != "embedded" else "")
+               + (" --learned" if args.learned else ""))
     write_section(f"Paper comparison: {args.target} ← {', '.join(args.sources)}", body, command=command)
     if rows.path.exists() and rows.path.resolve() != repo_rows(args).resolve():
         shutil.copyfile(rows.path, repo_rows(args))  # finished rows travel with the repository

@@ -214,3 +214,38 @@ def test_train_attention_is_checked_and_enters_the_adapter_key_only_when_set(tmp
     assert "attention" not in keys[0] and keys[1]["attention"] == "eager"  # old adapters' keys stay valid
     assert LoraSettings.from_config(build_config("LLMRec", "toys-sample",
                                                  config_dict={"train_attention": "eager"})).attention == "eager"
+
+
+def test_train_compile_gives_the_same_update_and_leaves_the_layers_plain(tokenizer):
+    from torch._dynamo.utils import counters
+
+    from recbole_weaverec.model.llm.train_modes import decoder_layers
+
+    plain, loss1, _ = trained(tokenizer)
+    before = counters["stats"]["unique_graphs"]
+    compiled, loss2, _ = trained(tokenizer, compile=True)
+    assert counters["stats"]["unique_graphs"] > before  # the layers really went through torch.compile
+    for k, v in lora(plain).items():
+        assert torch.allclose(v, lora(compiled)[k], atol=1e-5), k
+    assert loss1 == pytest.approx(loss2, rel=1e-5)
+    layers = decoder_layers(compiled)
+    assert layers and all(layer._compiled_call_impl is None for layer in layers)  # scoring runs the plain forward
+
+
+def test_train_compile_auto_needs_a_compiler_and_enough_prompts_and_is_checked(monkeypatch):
+    from recbole_weaverec.config import ConfigError
+    from recbole_weaverec.model.llm import train_modes
+    from recbole_weaverec.model.llm.training import training_key
+    from recbole_weaverec.quick_start import build_config
+
+    n = train_modes.COMPILE_MIN_PROMPTS
+    monkeypatch.setattr(train_modes.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert train_modes.compile_wanted("auto", "cpu", n) and not train_modes.compile_wanted("auto", "cpu", n - 1)
+    assert train_modes.compile_wanted(True, "cpu", 1) and not train_modes.compile_wanted(False, "cpu", 10 * n)
+    monkeypatch.setattr(train_modes.shutil, "which", lambda name: None)
+    assert not train_modes.compile_wanted("auto", "cpu", 10 * n)  # no C++ compiler: plain training
+    with pytest.raises(ConfigError, match=r"^train_compile='yes' is not allowed: expected one of auto, True, False$"):
+        build_config("LLMRec", "toys-sample", config_dict={"train_compile": "yes"})
+    builder = PromptBuilder(load_tokenizer(str(embedded_folder())), 5, 10, True)
+    keys = [training_key("base", {"toys": 8}, LoraSettings(compile=c), builder, 30) for c in ("auto", True, False)]
+    assert keys[0] == keys[1] == keys[2]  # compiling executes the same training: adapters stay reusable

@@ -74,3 +74,13 @@ def test_rescore_line_compares_the_same_theta0_under_the_other_rule():
     line = pc.rescore_line({theta0_key: theta0, rescore_key: other}, keys)
     assert "LLMRec (θ0), llm_score mean 0.3500 NDCG@5 vs 0.4500" in line
     assert pc.fmt(pc.delta(other, theta0)) in line and "-0.1000" in line
+
+
+def test_learned_row_only_with_its_flag_and_keyed_like_the_others():
+    plain = pc.parse(["--target", "amazon-sports", "--sources", "amazon-beauty", "--workdir", "/tmp/x"])
+    learned = pc.parse(["--target", "amazon-sports", "--sources", "amazon-beauty", "--workdir", "/tmp/x", "--learned"])
+    assert "WeaveRec (learned)" not in pc.llm_rows(plain)  # finished sections keep their rows
+    assert pc.llm_rows(learned)[-1] == "WeaveRec (learned)"
+    assert pc.row_key("WeaveRec (learned)", learned, ["amazon-beauty"]) != pc.row_key("WeaveRec (average)", learned,
+                                                                                       ["amazon-beauty"])
+    assert pc.LEARNED["weave_merge"] == "learned" and not pc.LEARNED["weave_compare_target_only"]

@@ -62,6 +62,9 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
         check_bool(config, "gradient_checkpointing")
         if config["train_attention"] is not None:
             check_choice(config, "train_attention", ATTENTION_KERNELS)
+        if not (config["train_compile"] == "auto" or isinstance(config["train_compile"], bool)):
+            raise ConfigError(f"train_compile={config['train_compile']!r} is not allowed: expected one of auto, True, "
+                              f"False")
         check_int(config, "num_prompt_candidates", low=1)
         check_number(config, "lora_alpha", low=0, low_open=True)
         check_number(config, "lora_dropout", low=0, high=1, high_open=True)

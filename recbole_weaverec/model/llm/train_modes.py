@@ -1,5 +1,7 @@
 """The modes a LoRA training pass runs in, each a context that leaves the model as it found it: bf16 autocast, frozen
-weights held in bf16, gradient checkpointing and the attention kernel (``LoraLearner.epoch`` enters all four)."""
+weights held in bf16, gradient checkpointing, the attention kernel and compiled decoder layers (``LoraLearner.epoch``
+enters all five)."""
+import shutil
 from contextlib import contextmanager
 
 import torch
@@ -71,3 +73,52 @@ def _set_attention(model, name):
         model.set_attn_implementation(name)
     else:
         model.config._attn_implementation = name
+
+
+COMPILE_MIN_PROMPTS = 128  # auto: compiling costs ~30 s here (cold cache) and pays for itself after ~60 prompts
+
+
+def compiler_found(device):
+    """Whether torch.compile's backend can build kernels here: a C++ compiler on CPU, triton on CUDA."""
+    if torch.device(device).type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+def compile_wanted(setting, device, n_prompts):
+    """``train_compile`` resolved: True / False as given; auto = a compiler is found and the module trains on at
+    least COMPILE_MIN_PROMPTS prompts (a short run would spend more on compiling than it saves)."""
+    if setting == "auto":
+        return n_prompts >= COMPILE_MIN_PROMPTS and compiler_found(device)
+    return bool(setting)
+
+
+def decoder_layers(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", base)
+    layers = getattr(inner, "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+
+
+@contextmanager
+def compiled_layers(model, enabled, fallback=False):
+    """Each decoder layer runs through torch.compile (dynamic shapes: one compiled layer serves every prompt length
+    and, with its weights as inputs, every layer and every LoRA) inside the block; plain layers after it, so scoring
+    and saving see the model as it was. It fuses the element-wise work and casts around the matmuls (benchmarks/
+    llm_profile.py). ``fallback``: a layer torch cannot compile runs uncompiled instead of failing (auto mode)."""
+    layers = decoder_layers(model) if enabled else []
+    if not layers:
+        yield
+        return
+    for layer in layers:
+        layer.compile(dynamic=True)
+    try:
+        with torch._dynamo.config.patch(suppress_errors=bool(fallback)):
+            yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set: back to the plain forward

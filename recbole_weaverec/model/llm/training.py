@@ -24,7 +24,8 @@ from recbole_weaverec.merging import AdapterFileError, AdapterNotFoundError, che
 from recbole_weaverec.model.llm.backbone import base_name
 from recbole_weaverec.model.llm.prompts import IGNORE_INDEX
 from recbole_weaverec.model.llm.samples import collate, encode_sample
-from recbole_weaverec.model.llm.train_modes import attention_kernel, autocast, checkpointing, frozen_weights_as
+from recbole_weaverec.model.llm.train_modes import (attention_kernel, autocast, checkpointing, compile_wanted,
+                                                    compiled_layers, frozen_weights_as)
 
 ALL_LINEAR = "all-linear"
 META_FILE = "recbole_weaverec.json"  # what an adapter folder was trained on (next to peft's files)
@@ -63,6 +64,7 @@ class LoraSettings:
     seed: int = 2020
     valid_items: bool = False  # each domain's validation transitions are trained on too (train_valid_items)
     attention: object = None  # attention kernel while training (train_attention); None = the model's own
+    compile: object = False  # decoder layers compiled while training (train_compile: auto | True | False)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -77,7 +79,8 @@ class LoraSettings:
                    tokens_per_pass=int(config["train_tokens_per_pass"] or 0),
                    gradient_checkpointing=bool(config["gradient_checkpointing"]),
                    length_buckets=int(config["train_length_buckets"] or 0), seed=int(config["seed"]),
-                   valid_items=bool(config["train_valid_items"]), attention=config["train_attention"])
+                   valid_items=bool(config["train_valid_items"]), attention=config["train_attention"],
+                   compile=config["train_compile"])
 
     def lora_config(self):
         from peft import LoraConfig
@@ -162,10 +165,11 @@ class LoraLearner:
         lengths = [len(encoded[x][0]) for x in samples] if s.length_buckets > 1 else None
         groups = batches(samples, s.batch_size, s.seed, epoch, lengths, s.length_buckets)
         low = torch.bfloat16 if (device.type == "cuda" or s.bf16) else None
+        compiled = compile_wanted(s.compile, device, len(samples) * s.epochs)
         self.optimizer.zero_grad(set_to_none=True)
         model.train()
         with frozen_weights_as(model, low), checkpointing(model, s.gradient_checkpointing), \
-                attention_kernel(model, s.attention):
+                attention_kernel(model, s.attention), compiled_layers(model, compiled, fallback=s.compile == "auto"):
             for i, group in enumerate(tqdm(groups, desc=f"{desc} epoch {epoch}", unit="batch",
                                            disable=not progress)):
                 # data-parallel runs: this process's shard of the global batch, weighted by its share of answer
@@ -284,6 +288,7 @@ def training_key(base, domain_sizes, settings, builder, num_candidates):
     """What determines an adapter's training: equal keys -> an adapter folder can be reused as is."""
     s = asdict(settings)
     s.pop("extra", None)
+    s.pop("compile", None)  # how the same arithmetic is executed (like score_chunk_size), not what is trained
     for key in ("valid_items", "attention"):  # only when set: keys of adapters trained before these existed stay valid
         if not s.get(key):
             s.pop(key, None)
