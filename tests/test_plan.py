@@ -87,19 +87,22 @@ def test_profiler_sees_torch_storage():
     assert peak >= 3 * 2**22
 
 
-# (batch, longest prompt+answer, answer, train_tokens_per_pass, gradient checkpointing, bf16, lora_dropout)
-TRAIN_CASES = [(2, 512, 8, None, False, False, 0.0), (4, 256, 8, 1024, True, True, 0.0),
-               (4, 256, 8, 512, False, True, 0.05), (1, 768, 12, 1024, True, False, 0.0),
-               (2, 384, 8, None, False, True, 0.0)]
+# (batch, longest prompt+answer, answer, train_tokens_per_pass, gradient checkpointing, bf16, lora_dropout, attention)
+TRAIN_CASES = [(2, 512, 8, None, False, False, 0.0, "sdpa"), (4, 256, 8, 1024, True, True, 0.0, "sdpa"),
+               (4, 256, 8, 512, False, True, 0.05, "sdpa"), (1, 768, 12, 1024, True, False, 0.0, "sdpa"),
+               (2, 384, 8, None, False, True, 0.0, "sdpa"), (2, 384, 8, None, False, True, 0.0, "eager"),
+               (4, 256, 8, 1024, True, True, 0.0, "eager"), (1, 512, 8, None, False, False, 0.0, "eager")]
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("case", TRAIN_CASES, ids=lambda c: f"B{c[0]}-tpp{c[3]}-ckpt{c[4]}-bf16{c[5]}-drop{c[6]}")
+@pytest.mark.parametrize("case", TRAIN_CASES,
+                         ids=lambda c: f"B{c[0]}-tpp{c[3]}-ckpt{c[4]}-bf16{c[5]}-drop{c[6]}-{c[7]}")
 def test_training_step_estimate(name, case):
-    batch, seq, answer, per_pass, ckpt, bf16, dropout = case
+    batch, seq, answer, per_pass, ckpt, bf16, dropout, attention = case
     model, shape = build(name)
     settings = LoraSettings(r=R, alpha=16, dropout=dropout, batch_size=batch, grad_accum=1, epochs=1, bf16=bf16,
-                            tokens_per_pass=per_pass or 0, gradient_checkpointing=ckpt)
+                            tokens_per_pass=per_pass or 0, gradient_checkpointing=ckpt,
+                            attention=None if attention == "sdpa" else attention)
     g = torch.Generator().manual_seed(0)
     encoded = {}
     for k in range(batch):  # prompts of different lengths: rows are left-padded as in real batches
@@ -116,8 +119,9 @@ def test_training_step_estimate(name, case):
 
     above, _ = peak_bytes(one_step)
     rows = phases.pass_rows(batch, seq, per_pass)
-    estimate = F.training(shape, F.Training(rows, seq, answer, R, F.LINEARS, dropout, 4, bf16, ckpt))
-    check(f"train {name} rows={rows}×{seq} ckpt={ckpt} bf16={bf16} dropout={dropout}", estimate,
+    estimate = F.training(shape, F.Training(rows, seq, answer, R, F.LINEARS, dropout, 4, bf16, ckpt,
+                                            attention=attention))
+    check(f"train {name} rows={rows}×{seq} ckpt={ckpt} bf16={bf16} dropout={dropout} {attention}", estimate,
           model_bytes(model), above)
 
 

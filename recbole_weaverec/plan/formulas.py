@@ -25,6 +25,9 @@ Training (one forward + backward of one pass of ``rows`` prompts padded to ``seq
   logits             rows × (answer + 1) × V × (b + 4 + 4 + 4): the LM head runs on the answer positions only
                      (bf16 logits, their fp32 copy, log-softmax kept for backward, its gradient)
   attention mask     rows × seq² bytes (bool) when rows > 1 (left padding), shared by the layers
+  eager attention    (train_attention: eager) instead of sdpa's mask terms: k, v repeated to every head in every
+                     case, each layer keeps rows × heads × seq² × (4 + b under autocast) (the fp32 softmax and its
+                     bf16 copy), and one additive mask rows × seq² × b is shared by the layers
 Merging (``fold_merged`` of K = sources + 1 adapters, one adapted weight at a time):
   weights            params × bytes of llm_dtype
   factors            K × P_lora × 4 when the device is the host (the adapters' factors stay on the CPU)
@@ -128,6 +131,7 @@ class Training:
     autocast: bool = True  # bf16 autocast, frozen weights held in bf16 (always on CUDA; train_bf16 on CPU)
     checkpointing: bool = True
     fused_dropout: bool = False  # CUDA: dropout keeps a bool mask, not an fp32 noise tensor
+    attention: str = "sdpa"  # train_attention: eager keeps each layer's softmax for backward
 
 
 def activation_bytes(shape, t):
@@ -159,6 +163,13 @@ def training(shape, t):
     masked = t.rows > 1
     a += masked * 2 * b * (shape.q - shape.kv)
     per_layer_mask = masked * t.rows * t.seq * t.seq * b
+    shared_mask = masked * t.rows * t.seq * t.seq  # bool
+    if t.attention == "eager":
+        # eager always repeats k, v to every head, keeps the fp32 softmax and (autocast) its bf16 copy for the
+        # product with v, per layer; its additive float mask is built once and shared by the layers
+        a += (not masked) * 2 * b * (shape.q - shape.kv)
+        per_layer_mask = t.rows * shape.heads * t.seq * t.seq * (4 + (b if t.autocast else 0))
+        shared_mask = t.rows * t.seq * t.seq * b
     logits = t.rows * (t.answer + 1) * shape.vocab * (b + 12)
     logits_label = f"logits {t.rows}×{t.answer + 1}×{shape.vocab}"
     if t.checkpointing:
@@ -170,7 +181,7 @@ def training(shape, t):
         p.add(f"activations {n} tok × {shape.layers} layers × {a / 1024:.0f} KiB",
               n * shape.layers * a + shape.layers * per_layer_mask)
         p.add(logits_label, logits)  # backward starts with every activation still saved
-    p.add("attention mask (bool)", masked * t.rows * t.seq * t.seq)
+    p.add("attention mask" + (" (bool)" if t.attention != "eager" else ""), shared_mask)
     return p
 
 

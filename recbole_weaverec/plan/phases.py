@@ -93,7 +93,8 @@ def specs(config, shape, cuda, world=1):
     autocast = cuda or bool(config["train_bf16"])
     train = F.Training(rows=rows, seq=seq, answer=answer, r=r, targets=targets,
                        dropout=float(config["lora_dropout"] or 0), weight_bytes=w, autocast=autocast,
-                       checkpointing=bool(config["gradient_checkpointing"]), fused_dropout=cuda)
+                       checkpointing=bool(config["gradient_checkpointing"]), fused_dropout=cuda,
+                       attention="eager" if config["train_attention"] == "eager" else "sdpa")
     merge = None
     if kind != "single":
         from recbole_weaverec.data.crossdomain import domain_list
