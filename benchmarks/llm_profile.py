@@ -40,7 +40,7 @@ GROUPS = (  # (group, operator name fragments), first match wins
 def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="toys-sample")
-    p.add_argument("--samples", type=int, default=16, help="training prompts per epoch (warm-up and profiled)")
+    p.add_argument("--samples", type=int, default=16, help="training prompts per epoch (warm-up, timed and profiled: 3 epochs)")
     p.add_argument("--attention", default="sdpa,eager,eager+compile",
                    help="variants to compare: attention kernels, each optionally with +compile (train_compile)")
     p.add_argument("--score-users", type=int, default=6, help="users scored per kernel (fp32, 30 candidates)")
@@ -84,7 +84,7 @@ def probe(args):
     samples, n = model.samples, args.samples
     learner = LoraLearner(model.llm, model.settings, len(samples))
 
-    def timed(epoch, profiler=None):
+    def timed(epoch):
         tokens, start = learner.tokens, time.perf_counter()
         learner.epoch(samples[epoch * n:(epoch + 1) * n], model.builder, model.domains, epoch=epoch)
         return time.perf_counter() - start, learner.tokens - tokens
