@@ -40,7 +40,8 @@ GROUPS = (  # (group, operator name fragments), first match wins
 def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="toys-sample")
-    p.add_argument("--samples", type=int, default=16, help="training prompts per epoch (warm-up, timed and profiled: 3 epochs)")
+    p.add_argument("--samples", type=int, default=16,
+                   help="training prompts per epoch (warm-up, timed and profiled: 3 epochs)")
     p.add_argument("--attention", default="sdpa,eager,eager+compile",
                    help="variants to compare: attention kernels, each optionally with +compile (train_compile)")
     p.add_argument("--score-users", type=int, default=6, help="users scored per kernel (fp32, 30 candidates)")
