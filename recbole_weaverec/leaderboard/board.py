@@ -2,6 +2,7 @@
 import sys
 from pathlib import Path
 
+from recbole_weaverec.leaderboard.archive import Archive
 from recbole_weaverec.leaderboard.errors import LeaderboardConfigError
 from recbole_weaverec.files import write_text
 from recbole_weaverec.leaderboard.grid import expand_grid, sources_label
@@ -20,9 +21,11 @@ class Leaderboard:
         self.out = Path(cfg["output_dir"]) / ("" if tuned else "untuned")
         self.cells = expand_grid(cfg)
         self.runner = runner or SubprocessRunner(self.cache, cfg["timeout"], show_progress)
-        self.store = CellCache(self.cache)
+        self.archive = Archive(self.out)  # the committed results: cells computed on other machines count too
+        self.store = CellCache(self.cache, self.archive)
         tuning = cfg.get("tuning") or {"trials": 8, "seed": cfg["sample_seed"], "storage": None}
-        self.tuner = Tuner(self.cache, self.runner, tuning["trials"], tuning["seed"], tuning["storage"])
+        self.tuner = Tuner(self.cache, self.runner, tuning["trials"], tuning["seed"], tuning["storage"],
+                           archive=self.archive)
         self.spaces = {m["label"]: m.get("tune") for m in cfg["models"]}
         self.bases = {}  # an entry's group -> its first seed's cell, the one its search runs on
         for c in self.cells:
@@ -60,8 +63,9 @@ class Leaderboard:
         file = file or sys.stdout
         cells = self.select(only, protocols, datasets)
         width = max([len(c["label"]) for c in cells] + [5])
-        print(f"{len(cells)} cells ({sum(self.cached(c) is not None for c in cells)} cached) -> {self.out}",
-              file=file)
+        effective = [self.effective(c)[0] for c in cells]
+        print(f"{len(cells)} cells ({sum(e is not None and self.cached(e) is not None for e in effective)} cached) "
+              f"-> {self.out}", file=file)
         for c in cells:
             eff, record = self.effective(c)
             state = ("skipped: not installed" if not c["available"]
@@ -112,8 +116,13 @@ class Leaderboard:
             self.write_outputs(fresh)
         return failed
 
-    def rows(self, fresh=None):
+    def rows(self, fresh=None, shown=None):
+        """One flat row per cell of the grid; ``shown`` (a dict) receives {hash: row} of the finished cells and
+        {"tuned": {study: record}} of the searches behind them."""
         fresh = fresh or {}
+        shown = {} if shown is None else shown
+        shown.setdefault("cells", {})
+        shown.setdefault("tuned", {})
         rows = []
         for c in self.cells:
             eff, record = self.effective(c)
@@ -125,6 +134,10 @@ class Leaderboard:
             else:
                 c = eff
                 r = fresh.get(c["hash"]) or self.cached(c) or {"status": "pending", "error": "", "metrics": {}}
+                if r["status"] == "ok":
+                    shown["cells"][c["hash"]] = r
+                    if record:
+                        shown["tuned"][record["study"]] = record
             tuning = {"tuning": "defaults", "tuned_params": None} if self.space(c) is None else {
                 "tuning": f"tuned: {record['trials']} trials" if record else "to tune",
                 "tuned_params": record["params"] if record else None}
@@ -138,13 +151,17 @@ class Leaderboard:
         return rows
 
     def write_outputs(self, fresh=None, charts=True):
-        """results.csv and results.md; the PNGs too unless ``charts`` is False (matplotlib is slow per cell)."""
-        rows = self.rows(fresh)
+        """results.csv and results.md; unless ``charts`` is False (after each cell of a run: slow), the PNGs and
+        the archive of the cells and search records the tables show."""
+        shown = {}
+        rows = self.rows(fresh, shown)
         self.out.mkdir(parents=True, exist_ok=True)
         write_csv(rows, self.out / "results.csv")
         names = write_charts(rows, self.cfg, self.out) if charts else None
         md = render_markdown(rows, self.cfg, charts=names)
         write_text(self.out / "results.md", md)
+        if charts:
+            self.archive.write(shown["cells"], shown["tuned"])
 
 
 def _group(cell):

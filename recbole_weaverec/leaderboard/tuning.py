@@ -18,15 +18,26 @@ TUNING_CODE = ("tune/space.py", "tune/study.py", "leaderboard/tuning.py")  # dec
 
 
 class CellCache:
-    """``<cache>/cells/<hash>.json``: finished cells (ok rows only: a failure is computed again next time)."""
+    """``<cache>/cells/<hash>.json``: finished cells (ok rows only: a failure is computed again next time); then the
+    board's committed ``archive`` (read only), under the same rule: a row is used only while its code is unchanged."""
 
-    def __init__(self, root):
+    def __init__(self, root, archive=None):
         self.root = Path(root)
+        self.archive = archive
 
     def path(self, cell):
         return self.root / "cells" / f"{cell['hash']}.json"
 
     def get(self, cell):
+        row = self._local(cell)
+        if row is None and self.archive is not None:
+            row = self.archive.get(cell["hash"])
+            if row is not None and not (row.get("status") == "ok" and isinstance(row.get("metrics"), dict)
+                                        and code_unchanged(row.get("code"))):
+                row = None
+        return row
+
+    def _local(self, cell):
         path = self.path(cell)
         if not path.is_file():
             return None
@@ -66,9 +77,10 @@ def study_name(base_cell, space, seed):
 
 
 class Tuner:
-    def __init__(self, cache_dir, runner, trials, seed, storage=None):
+    def __init__(self, cache_dir, runner, trials, seed, storage=None, archive=None):
         self.cache_dir = Path(cache_dir)
-        self.cells = CellCache(self.cache_dir)
+        self.archive = archive
+        self.cells = CellCache(self.cache_dir, archive)
         self.runner = runner
         self.trials = trials
         self.seed = seed
@@ -87,6 +99,8 @@ class Tuner:
         return self._memo[path]
 
     def _read(self, path, base_cell, space):
+        if not path.is_file() and self.archive is not None:  # a search finished on another machine
+            path = self.archive.record(path.stem) or path
         if not path.is_file():
             return None
         try:
