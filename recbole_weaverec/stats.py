@@ -5,7 +5,8 @@ but keeps each user's value instead of the mean, with the user ids, so two model
 candidates can be compared user by user; the means equal ``trainer.evaluate``'s. ``paired_difference`` is scipy's
 bootstrap of the mean per-user difference: a difference whose interval contains 0 is "no difference".
 ``recording_per_user`` keeps the per-user values of the evaluations a trainer runs anyway.
-``mean_interval`` is the t interval of one model's mean over users (scipy.stats.t).
+``domain_average_difference`` is the same for the average over domains of each domain's mean difference, users
+resampled within their domain. ``mean_interval`` is the t interval of one model's mean over users (scipy.stats.t).
 """
 import inspect
 from contextlib import contextmanager
@@ -111,6 +112,30 @@ def paired_difference(a, b, confidence=0.95, n_resamples=10000, seed=0):
                     random_state=np.random.default_rng(seed), vectorized=True, batch=max(1, 2_000_000 // len(d)))
     return {"mean": float(d.mean()), "low": float(res.confidence_interval.low),
             "high": float(res.confidence_interval.high), "n": len(d)}
+
+
+def domain_average_difference(diffs, confidence=0.95, n_resamples=10000, seed=0):
+    """The mean over domains of each domain's mean per-user difference (``diffs``: one array per domain) and its
+    bootstrap interval: {"mean", "low", "high", "n"}. Users are resampled within their own domain (scipy's bootstrap
+    with one sample per domain, ``paired=False``), so every domain weighs the same whatever its number of users."""
+    from scipy.stats import bootstrap
+
+    diffs = [np.asarray(d, dtype=np.float64) for d in diffs]
+    if not diffs or any(d.ndim != 1 or len(d) < 2 for d in diffs):
+        raise ValueError(f"domain_average_difference needs per-user arrays of >= 2 users per domain, got shapes "
+                         f"{[d.shape for d in diffs]}")
+    mean = float(np.mean([d.mean() for d in diffs]))
+    if all(np.all(d == d[0]) for d in diffs):  # no spread anywhere: every resample has the same statistic
+        return {"mean": mean, "low": mean, "high": mean, "n": sum(len(d) for d in diffs)}
+
+    def statistic(*samples, axis=-1):
+        return np.mean([s.mean(axis=axis) for s in samples], axis=0)
+
+    res = bootstrap(tuple(diffs), statistic, paired=False, confidence_level=confidence, n_resamples=n_resamples,
+                    method="percentile", random_state=np.random.default_rng(seed), vectorized=True,
+                    batch=max(1, 2_000_000 // max(len(d) for d in diffs)))
+    return {"mean": mean, "low": float(res.confidence_interval.low), "high": float(res.confidence_interval.high),
+            "n": sum(len(d) for d in diffs)}
 
 
 def mean_interval(values, confidence=0.95):

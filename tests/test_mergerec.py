@@ -153,6 +153,20 @@ def test_training_free_merges_equal_merging_module(world, run_dir):
     assert torch.equal(pipe.coefficients, torch.ones(2))
 
 
+def test_per_user_values_of_each_domain_average_to_its_result(world, run_dir):
+    """The benchmark's paired intervals read these: one value per test user, from the evaluation's own scores."""
+    pipe = pipeline(world, merge_init="average", merge_learn=False)
+    pipe.run()
+    records = {}
+    results = pipe.evaluate_domains(pipe.model.tower.encoder.state_dict(), per_user=records)
+    assert set(records) == set(results) == {"ta", "tb"}
+    for d, (users, values) in records.items():
+        n_test = len(pipe.domain(d)[1]._dataset.inter_feat)
+        assert users is not None and len(users) == len(set(users.tolist())) == n_test
+        assert set(values) == set(results[d])
+        assert all(math.isclose(float(values[m].mean()), results[d][m], abs_tol=1e-4) for m in results[d])
+
+
 def test_run_reports_every_domain_and_reuses_domain_models(world, run_dir, caplog, monkeypatch):
     import logging
 

@@ -209,19 +209,27 @@ class MergePipeline:
         return learner.coefficients.detach()
 
     # ---- evaluation of the merged weights on each domain ---------------------------------------------------
-    def evaluate_domains(self, state, show_progress=False, skip=None, domains=None):
+    def evaluate_domains(self, state, show_progress=False, skip=None, domains=None, per_user=None):
+        """{domain: test result}; ``per_user`` (a dict) receives {domain: (user ids, {metric: values})}."""
         results = {}
         for d in domains or self.domains:
             if d == skip:
                 continue
-            results[d] = self.evaluate_state(d, state, show_progress)
+            records = [] if per_user is not None else None
+            results[d] = self.evaluate_state(d, state, show_progress, per_user=records)
+            if records:
+                per_user[d] = records[-1]
         return results
 
     @torch.no_grad()
-    def evaluate_state(self, name, state, show_progress=False):
+    def evaluate_state(self, name, state, show_progress=False, per_user=None):
         """Domain ``name``'s test result for encoder weights ``state``. The domain towers run the merged model's
-        encoder module, so other weights are loaded into it for the evaluation and the merged ones put back."""
+        encoder module, so other weights are loaded into it for the evaluation and the merged ones put back.
+        ``per_user`` (a list) receives (user ids, {metric: values}) from the evaluation's own scores."""
+        from contextlib import nullcontext
+
         from recbole_weaverec.model.twotower.trainer import TextSeqRecTrainer
+        from recbole_weaverec.stats import recording_per_user
 
         net, test, dconfig = self.domain(name)
         encoder = net.tower.encoder
@@ -231,7 +239,12 @@ class MergePipeline:
         try:
             encoder.load_state_dict(state)
             net.invalidate_item_cache()
-            return TextSeqRecTrainer(dconfig, net).evaluate(test, load_best_model=False, show_progress=show_progress)
+            trainer = TextSeqRecTrainer(dconfig, net)
+            with recording_per_user(trainer) if per_user is not None else nullcontext([]) as records:
+                result = trainer.evaluate(test, load_best_model=False, show_progress=show_progress)
+            if per_user is not None:
+                per_user.extend(records)
+            return result
         finally:
             if kept is not None:
                 encoder.load_state_dict(kept)

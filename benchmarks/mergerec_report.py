@@ -1,0 +1,133 @@
+"""The MergeRec benchmark's report (issue 15.2), from its stored rows only: the results table (learned rows: mean
+and std over merge-learning seeds), paired 95% intervals over test users and the two verdicts the issue asks for:
+does each fine-tuned domain model beat the pretrained encoder on its own domain, and does MergeRec beat the best
+training-free merge on the average over domains.
+
+A stored row is {domain: {"users": [ids], "recall@10": [values], "ndcg@10": [values]}} (per-user values of one
+evaluation); a learned row has one such entry per seed. Learned rows are averaged per user over their seeds before
+they are compared."""
+import statistics
+
+import numpy as np
+
+from recbole_weaverec.stats import domain_average_difference, paired_difference
+
+OWN = "fine-tuned domain model (own domain)"
+PRETRAINED = "pretrained encoder (no fine-tuning)"
+FREE = ["average (λ=1/K)", "task arithmetic (λ=0.2)", "TIES (density 0.2, λ=1)"]
+LEARNED = ["MergeRec task-wise (TA init)", "MergeRec layer-wise (TA init)"]
+DISPLAY = [OWN, PRETRAINED, *FREE, *LEARNED]
+METRICS = ("recall@10", "ndcg@10")
+HEADLINE = "ndcg@10"
+
+fmt = "{:.4f}".format
+
+
+def _values(entry, users, metric):
+    """``entry``'s per-user values of ``metric`` in the order of ``users`` (every row of a domain has its users)."""
+    where = {u: i for i, u in enumerate(entry["users"])}
+    missing = [u for u in users if u not in where]
+    if missing or len(where) != len(users):
+        raise ValueError(f"rows evaluated on different users ({len(missing)} of {len(users)} missing)")
+    values = np.asarray(entry[metric], dtype=np.float64)
+    return values[[where[u] for u in users]]
+
+
+def per_user(rows, name, domain, metric, users):
+    """One row's per-user values on a domain (a learned row: the mean over its seeds), aligned to ``users``."""
+    runs = rows[name]
+    if name in LEARNED:
+        return np.mean([_values(run[domain], users, metric) for run in runs.values()], axis=0)
+    return _values(runs[domain], users, metric)
+
+
+def means(rows, name, domains):
+    """{domain: {metric: mean}} of a row; a learned row: {domain: {metric: [mean of each seed]}}."""
+    runs = rows[name]
+    if name in LEARNED:
+        return {d: {m: [float(np.mean(run[d][m])) for run in runs.values()] for m in METRICS} for d in domains}
+    return {d: {m: float(np.mean(runs[d][m])) for m in METRICS} for d in domains}
+
+
+def _cell(value):
+    if isinstance(value, list):
+        return fmt(statistics.mean(value)) + (f" ± {statistics.stdev(value):.4f}" if len(value) > 1 else "")
+    return fmt(value)
+
+
+def table(rows, domains):
+    head = "| model | " + " | ".join(f"{d.replace('amazon-', '')} R@10 | N@10" for d in domains) + \
+           " | avg R@10 | avg N@10 | seeds |"
+    lines = [head, "|" + "---|" * (2 * len(domains) + 4)]
+    for name in DISPLAY:
+        if name not in rows or not rows[name]:
+            continue
+        m = means(rows, name, domains)
+        cells = [_cell(m[d][k]) for d in domains for k in METRICS]
+        if name in LEARNED:  # the average over domains of each seed, then mean ± std over seeds
+            avg = [[statistics.mean(m[d][k][i] for d in domains) for i in range(len(rows[name]))] for k in METRICS]
+            seeds = ", ".join(str(s) for s in rows[name])
+        else:
+            avg = [statistics.mean(m[d][k] for d in domains) for k in METRICS]
+            seeds = "—"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_cell(avg[0])} | {_cell(avg[1])} | {seeds} |")
+    return "\n".join(lines)
+
+
+def _interval(d):
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+
+
+def best_free(rows, domains):
+    """The training-free merge with the highest average test NDCG@10 over domains (the hardest one to beat)."""
+    done = [n for n in FREE if n in rows]
+    return max(done, key=lambda n: statistics.mean(means(rows, n, domains)[d][HEADLINE] for d in domains)) \
+        if done else None
+
+
+def comparisons(rows, domains, n_resamples=10000):
+    """[(label, {domain: interval}, average-over-domains interval)] of the pairs present in ``rows``, on NDCG@10."""
+    pairs = []
+    if OWN in rows and PRETRAINED in rows:
+        pairs.append((f"{OWN} − {PRETRAINED}", OWN, PRETRAINED))
+    free = best_free(rows, domains)
+    for name in LEARNED:
+        if free and rows.get(name):
+            pairs.append((f"{name} − {free} (best training-free)", name, free))
+    out = []
+    for label, a, b in pairs:
+        diffs, per_domain = [], {}
+        for d in domains:
+            users = rows[b][d]["users"] if b not in LEARNED else next(iter(rows[b].values()))[d]["users"]
+            diff = per_user(rows, a, d, HEADLINE, users) - per_user(rows, b, d, HEADLINE, users)
+            diffs.append(diff)
+            per_domain[d] = paired_difference(diff, np.zeros_like(diff), n_resamples=n_resamples)
+        out.append((label, per_domain, domain_average_difference(diffs, n_resamples=n_resamples)))
+    return out
+
+
+def verdicts(found, domains):
+    """The issue's two questions, answered from the intervals (an interval containing 0 is no difference)."""
+    lines = []
+    for label, per_domain, average in found:
+        if label.startswith(OWN):
+            wins = [d for d in domains if per_domain[d]["low"] > 0]
+            losses = [d for d in domains if per_domain[d]["high"] < 0]
+            lines.append(f"- Each fine-tuned domain model beats the pretrained encoder on its own domain: "
+                         f"{'yes' if len(wins) == len(domains) else 'no'} (better on {len(wins)} of "
+                         f"{len(domains)} domains, worse on {len(losses)}, no difference on the rest).")
+        else:
+            word = ("yes" if average["low"] > 0 else "no, it is worse" if average["high"] < 0
+                    else "no difference")
+            lines.append(f"- {label.split(' − ')[0]} beats the best training-free merge on the average over "
+                         f"domains: {word} ({_interval(average)}).")
+    return lines
+
+
+def intervals_table(found, domains):
+    lines = ["| NDCG@10 difference [95% CI] | " + " | ".join(d.replace("amazon-", "") for d in domains) +
+             " | average over domains |", "|" + "---|" * (len(domains) + 2)]
+    for label, per_domain, average in found:
+        lines.append(f"| {label} | " + " | ".join(_interval(per_domain[d]) for d in domains) +
+                     f" | {_interval(average)} |")
+    return "\n".join(lines)
