@@ -28,13 +28,19 @@ def replacing(path, folder=False):
     When the block ends without an error it takes ``path``'s place in one rename (an existing folder there is
     removed first), with ordinary permissions; otherwise it is removed and ``path`` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if folder:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    else:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(name)
+    for attempt in range(5):  # another process may remove an emptied parent between mkdir and mkstemp: make it again
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if folder:
+                tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+            else:
+                fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                os.close(fd)
+                tmp = Path(name)
+            break
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
     try:
         yield tmp
         _ordinary(tmp, folder)
