@@ -98,7 +98,7 @@ def comparisons(rows, domains, n_resamples=10000):
     for label, a, b in pairs:
         diffs, per_domain = [], {}
         for d in domains:
-            users = rows[b][d]["users"] if b not in LEARNED else next(iter(rows[b].values()))[d]["users"]
+            users = rows[b][d]["users"]  # the reference is never a learned row
             diff = per_user(rows, a, d, HEADLINE, users) - per_user(rows, b, d, HEADLINE, users)
             diffs.append(diff)
             per_domain[d] = paired_difference(diff, np.zeros_like(diff), n_resamples=n_resamples)
