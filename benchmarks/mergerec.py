@@ -114,7 +114,7 @@ def cost_tables(ft_stats, learn_stats):
               for d, s in ft_stats.items()]
     lines += ["", "| merge learning | loop s | teacher encoding s | whole merge s | peak RSS growth MB | peak RSS MB | "
               "loss first → last 20 |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {s['learn_s']:.0f} | {s['teacher_s']:.0f} | {s['total_s']:.0f} | {s['delta_mb']:.0f} | "
+    lines += [f"| {n.replace(' | ', ', ')} | {s['learn_s']:.0f} | {s['teacher_s']:.0f} | {s['total_s']:.0f} | {s['delta_mb']:.0f} | "
               f"{s['peak_mb']:.0f} | {s['first_loss']:.3f} → {s['last_loss']:.3f} |" for n, s in learn_stats.items()]
     if ft_stats and learn_stats:
         epoch = statistics.mean(s["epoch_s"] for s in ft_stats.values())
