@@ -93,7 +93,8 @@ def describe(args, sizes):
     who = (f"{args.users} random users per domain (whole sequences, seed {args.seed}; items = those they touched)"
            if args.users else "the whole domains")
     return (f"Scale: {who}, TextSeqRec on the embedded "
-            f"all-MiniLM-L6-v2 (22.7M parameters, {args.pooling or 'mean'} pooling, {args.precision or 'fp32'}), each item attribute ≤ "
+            f"all-MiniLM-L6-v2 (22.7M parameters, {args.pooling or 'mean'} pooling, {args.precision or 'fp32'}), "
+            f"each item attribute ≤ "
             f"{args.max_attribute_tokens} tokens (whole item text ≤ {args.max_item_tokens or 'any'}), user text ≤ "
             f"{args.max_user_tokens} tokens from the {args.max_seq_items} most recent items, ≤ {args.epochs} "
             f"fine-tuning epoch(s) per domain (AdamW {args.lr:g}, warmup {args.warmup_ratio:g} then linear decay, "
@@ -114,8 +115,8 @@ def cost_tables(ft_stats, learn_stats):
               for d, s in ft_stats.items()]
     lines += ["", "| merge learning | loop s | teacher encoding s | whole merge s | peak RSS growth MB | peak RSS MB | "
               "loss first → last 20 |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {n.replace(' | ', ', ')} | {s['learn_s']:.0f} | {s['teacher_s']:.0f} | {s['total_s']:.0f} | {s['delta_mb']:.0f} | "
-              f"{s['peak_mb']:.0f} | {s['first_loss']:.3f} → {s['last_loss']:.3f} |" for n, s in learn_stats.items()]
+    lines += [f"| {n.replace(' | ', ', ')} | {s['learn_s']:.0f} | {s['teacher_s']:.0f} | {s['total_s']:.0f} | "
+              f"{s['delta_mb']:.0f} | {s['peak_mb']:.0f} | {s['first_loss']:.3f} → {s['last_loss']:.3f} |" for n, s in learn_stats.items()]
     if ft_stats and learn_stats:
         epoch = statistics.mean(s["epoch_s"] for s in ft_stats.values())
         # median: the first domain's growth also holds one-off allocations (libraries, tokenizer caches)
