@@ -99,3 +99,26 @@ def test_archived_cells_follow_the_code_rule_and_bad_files_are_named(tmp_path, c
     err = capsys.readouterr().err
     assert f"archived cell {two} is unreadable" in err and str(one) not in err
     assert all(archive.get(p.name[:-8])["code"] == loaded_code() for p in (one, two))  # replaced by the new rows
+
+
+def test_columns_follow_the_protocol_metrics_not_the_key_order_of_a_cell_file():
+    from recbole_weaverec.leaderboard.report import _columns
+
+    stored = {"metrics": dict.fromkeys(["ndcg@10", "ndcg@20", "ndcg@5", "recall@10", "recall@20", "recall@5"])}
+    cfg = {"protocols": {"full": {"config": {"metrics": ["Recall", "NDCG"], "topk": [5, 10, 20]}}}, "config": {}}
+    assert _columns(cfg, "full", {("full", "d", "EASE", ""): stored}) == [
+        "recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20"]
+    # no metrics list anywhere: names in the order they appear, k as a number (5 before 10)
+    assert _columns(None, "full", {("full", "d", "EASE", ""): stored}) == [
+        "ndcg@5", "ndcg@10", "ndcg@20", "recall@5", "recall@10", "recall@20"]
+
+
+def test_csv_columns_follow_the_protocol_metrics(tmp_path):
+    from recbole_weaverec.leaderboard.report import write_csv
+
+    row = {"protocol": "full", "model": "EASE", "metrics": {"ndcg@10": 0.2, "ndcg@5": 0.1, "recall@5": 0.3}}
+    cfg = {"protocols": {"full": {"config": {"metrics": ["Recall", "NDCG"]}}}, "config": {}}
+    write_csv([row], tmp_path / "r.csv", cfg)
+    with open(tmp_path / "r.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert [h for h in header if "@" in h] == ["Recall@5", "NDCG@5", "NDCG@10"]

@@ -156,7 +156,7 @@ class Leaderboard:
         shown = {}
         rows = self.rows(fresh, shown)
         self.out.mkdir(parents=True, exist_ok=True)
-        write_csv(rows, self.out / "results.csv")
+        write_csv(rows, self.out / "results.csv", self.cfg)
         names = write_charts(rows, self.cfg, self.out) if charts else None
         md = render_markdown(rows, self.cfg, charts=names)
         write_text(self.out / "results.md", md)

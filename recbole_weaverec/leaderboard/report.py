@@ -23,10 +23,11 @@ def metric_name(key):
     return METRIC_NAMES.get(base.lower(), base) + (f"@{k}" if k else "")
 
 
-def write_csv(rows, path):
+def write_csv(rows, path, cfg=None):
     metrics = []
     for r in rows:
         metrics += [m for m in r["metrics"] if m not in metrics]
+    metrics.sort(key=_metric_order(cfg, list(cfg["protocols"]) if cfg else [], metrics))
     fields = ["protocol", "model", "label", "dataset", "source_domains", "seed", "status", "history", "tie_break",
               "tuning", "tuned_params", "model_type", "wall_s", "valid_score", *[metric_name(m) for m in metrics],
               "error", "hash"]
@@ -92,7 +93,23 @@ def _columns(cfg, protocol, groups):
             present += [m for m in g["metrics"] if m not in present]
     if spec:
         return [m.lower() for m in spec if m.lower() in present]
-    return present
+    return sorted(present, key=_metric_order(cfg, [protocol], present))
+
+
+def _metric_order(cfg, protocols, present):
+    """Sort key: the protocols' ``metrics`` lists (RecBole's order, e.g. Recall before NDCG), then k as a number, so
+    columns do not follow the key order a cell file happens to store (archived cells are key-sorted)."""
+    names = []
+    if cfg:
+        configs = [cfg["protocols"].get(p, {}).get("config") or {} for p in protocols] + [cfg.get("config") or {}]
+        for config in configs:
+            names += [str(m).lower() for m in config.get("metrics") or [] if str(m).lower() not in names]
+    names += [m.split("@")[0] for m in present if m.split("@")[0] not in names]
+
+    def key(m):
+        base, _, k = m.partition("@")
+        return names.index(base), int(k) if k.isdigit() else -1, m
+    return key
 
 
 def _headline(cfg, protocol, columns):
