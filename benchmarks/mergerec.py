@@ -64,6 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (paper: 5e-5, many more steps)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="encoder precision (default: the model's auto = fp32 on a CPU; bf16 = autocast, faster on AMX)")
+    p.add_argument("--valid-ratio", type=float, default=0.05,
+                   help="share of each domain's pseudo-users held out of the merge learning: every row's distillation "
+                        "objective is measured on them, and the learner keeps its best coefficients (0: off)")
+    p.add_argument("--valid-every", type=int, default=100, help="merge steps between held-out evaluations")
     p.add_argument("--work", default="/tmp/mergerec_bench")
     p.add_argument("--seed", type=int, default=0, help="the slices' users and the domain models' fine-tuning")
     p.add_argument("--no-write", action="store_true", help="print only, do not touch RESULTS.md")
@@ -76,6 +80,9 @@ def parse_args(argv=None):
         p.error(f"--merge-seeds {args.merge_seeds!r}: comma-separated integers, e.g. 0,1,2")
     if not args.merge_seeds or args.users < 0:
         p.error("--merge-seeds needs at least one seed and --users must be >= 0")
+    if not 0 <= args.valid_ratio < 1 or args.valid_every < 1:
+        p.error(f"--valid-ratio {args.valid_ratio} / --valid-every {args.valid_every}: a share in [0, 1) and a "
+                f"step count >= 1")
     return args
 
 
@@ -101,7 +108,9 @@ def describe(args, sizes):
             f"batch 32 × {args.accumulation} accumulated, in-batch softmax, temperature 0.05, early stopping on valid "
             f"NDCG@10 after {args.stopping_step} evaluations without gain), {args.steps} coefficient-learning steps "
             f"(paper: 500) per merge seed ({', '.join(map(str, args.merge_seeds))}), batch 16, Adam 1e-3, "
-            f"CE + 1000·KL at T=0.05, layer-wise groups: {args.layer_groups}. Full ranking over each slice's catalogue "
+            f"CE + 1000·KL at T=0.05, layer-wise groups: {args.layer_groups}, {args.valid_ratio:g} of each "
+            f"domain's pseudo-users held out of the learning (held-out loss every {args.valid_every} steps, best "
+            f"coefficients kept). Full ranking over each slice's catalogue "
             f"(history items included, as officially), test split, RecBole's evaluator. Slices: {'; '.join(sizes)}. "
             f"The paper's scale (full domains, RoBERTa-base encoders, 512-token users, GPU) is far beyond this shared "
             f"2-core CPU, so the numbers compare the methods with each other here, not with the paper.")
@@ -154,6 +163,8 @@ def main(argv=None):
            "max_attribute_tokens": args.max_attribute_tokens, "pooling": args.pooling,
            "gradient_accumulation_steps": args.accumulation, "warmup_ratio": args.warmup_ratio,
            "stopping_step": args.stopping_step, "merge_layer_groups": args.layer_groups,
+           **({"merge_valid_ratio": args.valid_ratio, "merge_valid_every": args.valid_every}
+              if args.valid_ratio else {}),
            **({"precision": args.precision} if args.precision else {}),
            "show_progress": False, "state": "INFO", "seed": args.seed, "metrics": ["Recall", "NDCG"],
            "topk": [10], "valid_metric": "NDCG@10", "checkpoint_dir": str(work / "saved")}
@@ -188,6 +199,7 @@ def main(argv=None):
     saved = json.loads(store.read_text()) if store.is_file() else {}
     rows, coef_text = saved.get("rows", {}), saved.get("coefficients", {})
     learn_stats, sizes = saved.get("learn", {}), saved.get("sizes", {})
+    objectives = saved.get("objective", {})  # row key -> {domain: held-out distillation objective}
     shared_domains = {}
 
     def pipeline_for(**overrides):
@@ -197,7 +209,33 @@ def main(argv=None):
         pipe._domain = shared_domains  # the per-domain datasets/towers are built once for all rows
         return pipe
 
-    def evaluated(pipe, states):
+    held = {}  # the teachers' embeddings and the held-out pseudo-users, built once (for the objective column)
+
+    def objective(key, pipe, states):
+        """Every row's distillation objective on the same held-out pseudo-users, with its own item embeddings."""
+        from recbole_weaverec.model.twotower.distill import (held_out_objective, pseudo_users, split_pseudo_users,
+                                                             teacher_embeddings)
+
+        if not args.valid_ratio:
+            return
+        towers = [pipe.domain(d)[0].tower for d in DOMAINS]
+        if not held:
+            nets = [pipe.domain(d)[0] for d in DOMAINS]
+            held["teachers"] = [teacher_embeddings(net.tower, net.n_items, net.encode_batch_size,
+                                                   params=dm.load_domain_model(paths[d])[0])
+                                for net, d in zip(nets, DOMAINS)]
+            held["users"] = split_pseudo_users(pseudo_users([net.n_items for net in nets]), args.valid_ratio)[1]
+        c = pipe.config
+        objectives[key] = {}
+        for i, d in enumerate(DOMAINS):  # one domain at a time: the own-model row has other weights per domain
+            only = held["users"]
+            mine = type(only)(only.domain[only.domain == i], only.item[only.domain == i])
+            objectives[key][d] = held_out_objective(towers, held["teachers"], states(d), mine, c["kd_weight"],
+                                                    c["kd_temperature"], pipe.model.encode_batch_size)
+
+    def evaluated(pipe, states, key=None):
+        if key is not None:
+            objective(key, pipe, states)
         out = {}
         for d in DOMAINS:
             records = []
@@ -207,9 +245,9 @@ def main(argv=None):
             sizes[d] = f"{d}: {net.n_items - 1} items, {len(out[d]['users'])} test users"
         return out
 
-    def fixed(state_of):
+    def fixed(key, state_of):
         pipe = pipeline_for(merge_learn=False)
-        return evaluated(pipe, lambda d: state_of(pipe, d))
+        return evaluated(pipe, lambda d: state_of(pipe, d), key)
 
     def merged(key, overrides, seed=None):
         pipe = pipeline_for(**overrides, **({} if seed is None else {"seed": seed}))
@@ -219,10 +257,12 @@ def main(argv=None):
             learn_stats[key] = {"learn_s": pipe.timings["learn_s"], "teacher_s": pipe.timings["teacher_s"],
                                 "total_s": mem.seconds, "delta_mb": mem.delta_mb, "peak_mb": mem.peak_mb,
                                 "first_loss": pipe.losses[0],
-                                "last_loss": sum(pipe.losses[-20:]) / len(pipe.losses[-20:])}
+                                "last_loss": sum(pipe.losses[-20:]) / len(pipe.losses[-20:]),
+                                "valid": getattr(pipe, "valid_losses", []),
+                                "kept_step": getattr(pipe, "best_valid_step", None)}
         coef_text[key] = pipe._format_coefficients()
         state = pipe.model.tower.encoder.state_dict()
-        return evaluated(pipe, lambda d: state)
+        return evaluated(pipe, lambda d: state, key)
 
     task = dict(merge_init="task_arithmetic", merge_granularity="task")
     layer = dict(merge_init="task_arithmetic", merge_granularity="layer")
@@ -230,11 +270,11 @@ def main(argv=None):
     # the key comparison first (later rows may not make it before a deadline); then the other merge seeds
     steps = [(rep.FREE[1], None, lambda k: merged(k, dict(merge_init="task_arithmetic", merge_learn=False))),
              (rep.LEARNED[0], first, lambda k: merged(k, task, first)),
-             (rep.OWN, None, lambda k: fixed(lambda pipe, d: dm.load_domain_model(paths[d])[0])),
+             (rep.OWN, None, lambda k: fixed(k, lambda pipe, d: dm.load_domain_model(paths[d])[0])),
              (rep.FREE[2], None, lambda k: merged(k, dict(merge_init="ties", merge_learn=False))),
              (rep.FREE[0], None, lambda k: merged(k, dict(merge_init="average", merge_learn=False))),
              (rep.LEARNED[1], first, lambda k: merged(k, layer, first)),
-             (rep.PRETRAINED, None, lambda k: fixed(lambda pipe, d: pipe.model.base_state))]
+             (rep.PRETRAINED, None, lambda k: fixed(k, lambda pipe, d: pipe.model.base_state))]
     for s in more:
         steps += [(rep.LEARNED[0], s, lambda k, s=s: merged(k, task, s)),
                   (rep.LEARNED[1], s, lambda k, s=s: merged(k, layer, s))]
@@ -250,6 +290,7 @@ def main(argv=None):
                  "users within each domain, every domain weighing the same). An interval containing 0 is no "
                  "difference.", "", rep.intervals_table(found, DOMAINS), "", *rep.verdicts(found, DOMAINS), "",
                  "Learned / used coefficients:", *[f"- {n}: {c}" for n, c in coef_text.items()], "",
+                 rep.objective_table(objectives, learn_stats, present, DOMAINS), "",
                  cost_tables(ft_stats, learn_stats)]
         body = "\n".join(parts)
         print(body, flush=True)
@@ -270,7 +311,7 @@ def main(argv=None):
             print(f"{key}: " + ", ".join(f"{d}: NDCG@10 {statistics.mean(result[d]['ndcg@10']):.4f}"
                                          for d in DOMAINS), flush=True)
             write_text(store, json.dumps({"rows": rows, "coefficients": coef_text, "learn": learn_stats,
-                                          "sizes": sizes}))
+                                          "sizes": sizes, "objective": objectives}))
         report(done=False)
     report(done=True)
 

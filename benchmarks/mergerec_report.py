@@ -131,3 +131,62 @@ def intervals_table(found, domains):
         lines.append(f"| {label} | " + " | ".join(_interval(per_domain[d]) for d in domains) +
                      f" | {_interval(average)} |")
     return "\n".join(lines)
+
+
+def _row_ndcg(rows, key, domains):
+    """Average test NDCG@10 over domains of one stored row key ("name" or "name | seed s")."""
+    name, _, seed = key.partition(" | seed ")
+    entry = rows.get(name, {})
+    entry = entry.get(seed) if seed else entry
+    if not entry or not all(d in entry for d in domains):
+        return None
+    return statistics.mean(float(np.mean(entry[d][HEADLINE])) for d in domains)
+
+
+def objective_table(objectives, learn_stats, rows, domains):
+    """Objective vs optimisation: every row's distillation objective on the same held-out pseudo-users (its own
+    item embeddings; lower is closer to the teachers), beside its test NDCG@10, the learner's own held-out curve,
+    and whether a lower objective went with a better test metric (Spearman over the rows)."""
+    from scipy.stats import spearmanr
+
+    keys = [k for k in objectives if all(d in objectives[k] for d in domains)]
+    if not keys:
+        return ""
+    lines = ["Objective vs optimisation: each row's distillation objective (CE + 1000·T²·KL to the domain's teacher) "
+             "on the same held-out pseudo-users, which no learner trained on, with the row's own item embeddings "
+             "(a function of the weights alone; the fine-tuned domain models are the teachers, so theirs is the "
+             "floor: CE only), beside its average test NDCG@10; learned rows also show their learner's held-out "
+             "loss (student items frozen at the initial merge) at step 0, at the kept step, and at the last step.",
+             "", "| row | " + " | ".join(d.replace("amazon-", "") for d in domains) +
+             " | average objective | avg N@10 | learner's held-out loss: start → kept (step) → last |",
+             "|" + "---|" * (len(domains) + 4)]
+    points = []
+    for key in keys:
+        per = objectives[key]
+        avg = statistics.mean(per[d] for d in domains)
+        ndcg = _row_ndcg(rows, key, domains)
+        if ndcg is not None:
+            points.append((avg, ndcg))
+        curve = (learn_stats.get(key) or {}).get("valid") or []
+        kept = (learn_stats.get(key) or {}).get("kept_step")
+        trace = "—"
+        if curve:
+            at = dict((s, v) for s, v in curve)
+            trace = (f"{curve[0][1]:.4f} → {at.get(kept, float('nan')):.4f} ({kept}) → {curve[-1][1]:.4f}"
+                     if kept is not None else f"{curve[0][1]:.4f} → {curve[-1][1]:.4f}")
+        lines.append(f"| {key.replace(' | ', ', ')} | " + " | ".join(f"{per[d]:.4f}" for d in domains) +
+                     f" | {avg:.4f} | {'—' if ndcg is None else fmt(ndcg)} | {trace} |")
+    start = objectives.get(FREE[1])  # task arithmetic λ=0.2: the learned rows' initial merge
+    if start:
+        base = statistics.mean(start[d] for d in domains)
+        for key in keys:
+            if key.split(" | ")[0] in LEARNED:
+                value = statistics.mean(objectives[key][d] for d in domains)
+                lines.append(f"- {key}: learning moved the held-out objective from its start (task arithmetic "
+                             f"λ=0.2) {base:.4f} to {value:.4f} ({value - base:+.4f}).")
+    if len(points) >= 3:
+        rho = spearmanr([p[0] for p in points], [p[1] for p in points])
+        lines.append(f"- Rank correlation over the {len(points)} rows between the held-out objective and average "
+                     f"test NDCG@10: Spearman ρ = {rho.statistic:+.2f} (p = {rho.pvalue:.2g}); a lower objective "
+                     f"going with a better metric gives ρ < 0.")
+    return "\n".join(lines)

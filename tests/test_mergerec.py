@@ -104,6 +104,52 @@ def test_pseudo_users_one_sequence_per_item_per_domain():
     assert pairs == {(0, i) for i in range(1, 4)} | {(1, i) for i in range(1, 6)}
 
 
+def test_held_out_pseudo_users_are_per_domain_disjoint_and_fixed():
+    from recbole_weaverec.model.twotower.distill import split_pseudo_users
+
+    users = pseudo_users([11, 41, 3])
+    train, held = split_pseudo_users(users, 0.25)
+    pairs = lambda u: set(zip(u.domain.tolist(), u.item.tolist()))  # noqa: E731
+    assert pairs(train) | pairs(held) == pairs(users) and not pairs(train) & pairs(held)
+    assert [int((held.domain == d).sum()) for d in range(3)] == [2, 10, 1]  # 25% of 10, 40, 2 (at least one)
+    assert pairs(split_pseudo_users(users, 0.25)[1]) == pairs(held)  # the same items every time
+    assert pairs(split_pseudo_users(users, 0.25, seed=1)[1]) != pairs(held)
+    assert len(split_pseudo_users(users, 0.0)[1]) == 0 and len(split_pseudo_users(users, 0.0)[0]) == len(users)
+
+
+def test_held_out_loss_is_logged_and_the_best_coefficients_are_kept(world, run_dir):
+    from recbole_weaverec.model.twotower.distill import held_out_objective
+
+    pipe = pipeline(world, merge_steps=6, merge_lr=0.05, merge_valid_ratio=0.3, merge_valid_every=2)
+    pipe.run(keep_learner=True)
+    learner = pipe.learner
+    assert [s for s, _ in pipe.valid_losses] == [0, 2, 4, 6]
+    train = set(zip(learner.users.domain.tolist(), learner.users.item.tolist()))
+    held = set(zip(learner.held_out.domain.tolist(), learner.held_out.item.tolist()))
+    assert held and not train & held  # never trained on
+    for _ in range(len(learner.users) // learner.batch_size + 1):
+        d, i = learner.next_batch()
+        assert not set(zip(d.tolist(), i.tolist())) & held
+    best = min(v for _, v in pipe.valid_losses)
+    learner.coefficients.data.copy_(pipe.coefficients)  # what the merge kept
+    assert learner.valid_loss() == pytest.approx(best, rel=1e-5)
+    # at the initial merge the learner's frozen student items are the merge's own: both losses agree
+    towers = [pipe.domain(d)[0].tower for d in pipe.domains]
+    teachers = [(u, i, inputs) for (u, i), inputs in zip(learner.teachers, learner.user_inputs)]
+    init = learner.merged_params(torch.full_like(learner.coefficients, 0.2))
+    objective = held_out_objective(towers, teachers, init, learner.held_out, 1000.0, 0.05, 7)
+    assert objective == pytest.approx(pipe.valid_losses[0][1], rel=1e-4)
+    assert pipe.valid_losses[-1][1] < pipe.valid_losses[0][1]  # on these tiny domains the held-out loss falls
+    # a step far too large overshoots: the held-out loss rises, and the merge keeps the initial coefficients
+    wild = pipeline(world, merge_steps=6, merge_lr=3.0, merge_valid_ratio=0.3, merge_valid_every=2)
+    wild.run(keep_learner=True)
+    assert min(wild.valid_losses, key=lambda sv: sv[1])[0] == wild.best_valid_step == 0, wild.valid_losses
+    assert torch.equal(wild.coefficients, torch.full_like(wild.coefficients, 0.2))
+    assert not torch.allclose(wild.learner.coefficients.detach().cpu(), wild.coefficients)
+    with pytest.raises(ConfigError, match="merge_valid_ratio=1.0 is out of range"):
+        build_config("MergeRec", "ta", config_dict=cfg(world, merge_valid_ratio=1.0))
+
+
 def test_learning_uses_pseudo_users_only_and_only_coefficients_get_gradients(world, run_dir):
     pipe = pipeline(world, merge_steps=2, merge_granularity="layer")
     pipe.run(keep_learner=True)

@@ -71,3 +71,20 @@ def test_domain_average_difference_weighs_domains_equally_and_resamples_within_t
     assert domain_average_difference([np.ones(3), np.zeros(5)])["low"] == 0.5
     with pytest.raises(ValueError, match=">= 2 users"):
         domain_average_difference([np.ones(1)])
+
+
+def test_objective_table_places_every_row_and_correlates_it_with_the_metric():
+    rows = synthetic(0.05, 0.03)
+    # objectives ordered opposite to the rows' NDCG@10: a lower objective goes with a better metric
+    ndcg = {k: rep._row_ndcg(rows, k, DOMAINS) for k in [rep.PRETRAINED, rep.OWN, *rep.FREE]}
+    ndcg.update({f"{rep.LEARNED[0]} | seed {s}": rep._row_ndcg(rows, f"{rep.LEARNED[0]} | seed {s}", DOMAINS)
+                 for s in "01"})
+    objectives = {k: {d: 10.0 - v for d in DOMAINS} for k, v in ndcg.items()}
+    learn = {f"{rep.LEARNED[0]} | seed 0": {"valid": [[0, 9.0], [100, 8.5], [200, 8.7]], "kept_step": 100}}
+    text = rep.objective_table(objectives, learn, rows, DOMAINS)
+    assert "Spearman ρ = -1.00" in text and "over the 7 rows" in text
+    assert "9.0000 → 8.5000 (100) → 8.7000" in text
+    ta = 10.0 - ndcg[rep.FREE[1]]
+    seed0 = 10.0 - ndcg[f"{rep.LEARNED[0]} | seed 0"]
+    assert f"{ta:.4f} to {seed0:.4f} ({seed0 - ta:+.4f})" in text
+    assert rep.objective_table({}, {}, rows, DOMAINS) == ""

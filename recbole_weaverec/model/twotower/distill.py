@@ -29,17 +29,59 @@ def pseudo_users(item_counts):
     return PseudoUsers(torch.cat(domains), torch.cat(items))
 
 
+def split_pseudo_users(users, ratio, seed=0):
+    """(train, held out): ``ratio`` of each domain's pseudo-users held out (at least one when ``ratio`` > 0), drawn
+    with their own ``seed``, so every merge seed and every merge method is judged on the same held-out items."""
+    if ratio <= 0:
+        return users, PseudoUsers(users.domain[:0], users.item[:0])
+    generator = torch.Generator().manual_seed(seed)
+    held = torch.zeros(len(users), dtype=torch.bool)
+    for d in users.domain.unique().tolist():
+        where = (users.domain == d).nonzero().view(-1)
+        n = max(1, round(ratio * len(where)))
+        held[where[torch.randperm(len(where), generator=generator)[:n]]] = True
+    return (PseudoUsers(users.domain[~held], users.item[~held]), PseudoUsers(users.domain[held], users.item[held]))
+
+
 def one_item_history(items):
     """RecBole-style (item_seq, item_seq_len) for one-item histories."""
     return items.view(-1, 1), torch.ones(len(items), dtype=torch.long)
 
 
-def distill_loss(student, teacher, kd_weight, kd_temperature):
-    """CE(student, argmax teacher) + kd_weight · T² · KL(softmax(teacher/T) ‖ softmax(student/T)), batch means."""
-    ce = F.cross_entropy(student, teacher.argmax(dim=-1))
+def distill_loss(student, teacher, kd_weight, kd_temperature, reduction="mean"):
+    """CE(student, argmax teacher) + kd_weight · T² · KL(softmax(teacher/T) ‖ softmax(student/T)), batch means
+    (``reduction="none"``: one value per row)."""
+    ce = F.cross_entropy(student, teacher.argmax(dim=-1), reduction="none")
     t = kd_temperature
-    kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.softmax(teacher / t, dim=-1), reduction="batchmean")
-    return ce + kd_weight * (t * t) * kl
+    kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.softmax(teacher / t, dim=-1), reduction="none").sum(-1)
+    per_row = ce + kd_weight * (t * t) * kl
+    return per_row if reduction == "none" else per_row.mean()
+
+
+@torch.no_grad()
+def held_out_objective(towers, teachers, params, held_out, kd_weight, kd_temperature, batch_size):
+    """The distillation objective of merged weights ``params`` on the ``held_out`` pseudo-users (mean over them),
+    with the merge's *own* item embeddings (the learner keeps its initial merge's): a function of the weights alone,
+    so any merge (training-free or learned) can be placed on it. ``teachers``: per domain (pseudo-user emb, item
+    emb, pseudo-user inputs) from ``teacher_embeddings``."""
+    total, count = 0.0, 0
+    for d, (tower, (t_users, t_items, inputs)) in enumerate(zip(towers, teachers)):
+        items = held_out.item[held_out.domain == d]
+        if not len(items):
+            continue
+        item_inputs = tower.item_inputs(range(1, t_items.shape[0] + 1))
+        catalogue = tower.encode_all(item_inputs, batch_size, params=params, desc="held-out objective")
+        if inputs == item_inputs:  # one-item histories are the items' own texts: their rows, not a second pass
+            user = catalogue[items.to(catalogue.device) - 1]
+        else:
+            user = tower.encode_all([inputs[i - 1] for i in items.tolist()], batch_size, params=params)
+        teacher = t_users.to(catalogue.device)[items.to(catalogue.device) - 1] @ t_items.to(catalogue.device).T
+        for start in range(0, len(items), batch_size):  # [batch, n_items] score blocks, not [all, n_items]
+            rows = slice(start, start + batch_size)
+            total += float(distill_loss(user[rows] @ catalogue.T, teacher[rows], kd_weight, kd_temperature,
+                                        reduction="none").sum())
+        count += len(items)
+    return total / max(count, 1)
 
 
 @torch.no_grad()
@@ -67,7 +109,7 @@ class CoefficientLearner:
     """
 
     def __init__(self, student, stacked, init, towers, teachers, lr, batch_size, kd_weight, kd_temperature,
-                 encode_batch_size, seed=0):
+                 encode_batch_size, seed=0, valid_ratio=0.0):
         self.student = student
         encoder = towers[0].encoder
         for module in (student, encoder):
@@ -89,7 +131,11 @@ class CoefficientLearner:
         self.batch_size = batch_size
         self.kd_weight = kd_weight
         self.kd_temperature = kd_temperature
-        self.users = pseudo_users([t[1].shape[0] + 1 for t in self.teachers])
+        # held-out pseudo-users (``valid_ratio`` of each domain; the split has its own fixed seed): never trained on,
+        # their loss (``valid_loss``) tells whether learning lowers the objective beyond the batches it saw
+        self.users, self.held_out = split_pseudo_users(pseudo_users([t[1].shape[0] + 1 for t in self.teachers]),
+                                                       valid_ratio)
+        self.encode_batch_size = encode_batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self._order, self._pos = None, 0
         with torch.no_grad():
@@ -116,8 +162,8 @@ class CoefficientLearner:
         t_user, t_items = self.teachers[domain]
         return t_user[items.to(t_user.device) - 1] @ t_items.T
 
-    def loss(self, domains, items):
-        params = self.merged_params()
+    def loss(self, domains, items, params=None):
+        params = self.merged_params() if params is None else params
         inputs = [self.user_inputs[d][i - 1] for d, i in zip(domains.tolist(), items.tolist())]
         user = self.towers[0].encode(inputs, params=params)  # the batch's one forward
         total = 0.0
@@ -130,6 +176,21 @@ class CoefficientLearner:
             share = int(sel.sum())
             total = total + distill_loss(student, teacher, self.kd_weight, self.kd_temperature) * share / len(items)
         return total
+
+    @torch.no_grad()
+    def valid_loss(self):
+        """The learner's own loss (student items frozen at the initial merge) on the held-out pseudo-users, or None
+        when there are none."""
+        n = len(self.held_out)
+        if not n:
+            return None
+        params = self.merged_params()
+        total = 0.0
+        for start in range(0, n, self.encode_batch_size):
+            domains = self.held_out.domain[start:start + self.encode_batch_size]
+            items = self.held_out.item[start:start + self.encode_batch_size]
+            total += float(self.loss(domains, items, params=params)) * len(items)
+        return total / n
 
     def step(self, batch=None):
         """One Adam step on ``batch`` (domains, items), by default the next shuffled batch; returns the loss."""

@@ -192,20 +192,40 @@ class MergePipeline:
         learner = CoefficientLearner(self.model, stacked, coefficients, towers, teachers, lr=config["merge_lr"],
                                      batch_size=config["merge_batch_size"], kd_weight=config["kd_weight"],
                                      kd_temperature=config["kd_temperature"],
-                                     encode_batch_size=self.model.encode_batch_size, seed=config["seed"])
+                                     encode_batch_size=self.model.encode_batch_size, seed=config["seed"],
+                                     valid_ratio=config["merge_valid_ratio"])
         teachers.clear()  # the learner holds them (on the device) from here
         self.timings["student_items_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        losses = []
-        for step in tqdm(range(config["merge_steps"]), desc="learning merge coefficients",
-                         disable=not self.show_progress):
+        losses, self.valid_losses = [], []  # valid_losses: (step, loss on the held-out pseudo-users)
+        best = None  # (valid loss, step, coefficients): with held-out pseudo-users the best ones are kept
+
+        def validate(step):
+            nonlocal best
+            value = learner.valid_loss()
+            if value is None:
+                return
+            self.valid_losses.append((step, value))
+            if best is None or value < best[0]:
+                best = (value, step, learner.coefficients.detach().clone())
+            self.logger.info(f"MergeRec step {step}: held-out distillation loss {value:.4f}")
+
+        steps, every = config["merge_steps"], config["merge_valid_every"]
+        validate(0)
+        for step in tqdm(range(steps), desc="learning merge coefficients", disable=not self.show_progress):
             losses.append(learner.step())
-            if (step + 1) % 50 == 0 or step + 1 == config["merge_steps"]:
-                self.logger.info(f"MergeRec step {step + 1}/{config['merge_steps']}: distillation loss "
+            if (step + 1) % 50 == 0 or step + 1 == steps:
+                self.logger.info(f"MergeRec step {step + 1}/{steps}: distillation loss "
                                  f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+            if (step + 1) % every == 0 or step + 1 == steps:
+                validate(step + 1)
         self.timings["learn_s"] = time.perf_counter() - start
         self.losses = losses
         self.learner = learner
+        if best is not None:
+            self.best_valid_step = best[1]
+            self.logger.info(f"MergeRec keeps the coefficients of step {best[1]} (held-out loss {best[0]:.4f})")
+            return best[2]
         return learner.coefficients.detach()
 
     # ---- evaluation of the merged weights on each domain ---------------------------------------------------
@@ -284,6 +304,8 @@ class MergeRec(TextSeqRec):
         check_number(config, "merge_lr", low=0, low_open=True)
         check_int(config, "merge_steps", low=0)
         check_int(config, "merge_batch_size", low=1)
+        check_number(config, "merge_valid_ratio", low=0, high=1, high_open=True)
+        check_int(config, "merge_valid_every", low=1)
         given = config["merge_finetuned"]
         if given is not None and not isinstance(given, (str, dict)):
             raise ConfigError(f"merge_finetuned={given!r} is not allowed: expected a folder or a mapping "
