@@ -279,6 +279,9 @@ def main(argv=None):
     for s in more:
         steps += [(rep.LEARNED[0], s, lambda k, s=s: merged(k, task, s)),
                   (rep.LEARNED[1], s, lambda k, s=s: merged(k, layer, s))]
+    # the official example's other setting: layer-wise coefficients learned from the TIES merge (λ = 1)
+    ties_layer = dict(merge_init="ties", merge_granularity="layer")
+    steps += [(rep.LEARNED[2], s, lambda k, s=s: merged(k, ties_layer, s)) for s in args.merge_seeds]
 
     def report(done):
         present = {n: r for n, r in rows.items() if r and all(d in (next(iter(r.values())) if n in rep.LEARNED

@@ -15,7 +15,8 @@ from recbole_weaverec.stats import domain_average_difference, paired_difference
 OWN = "fine-tuned domain model (own domain)"
 PRETRAINED = "pretrained encoder (no fine-tuning)"
 FREE = ["average (λ=1/K)", "task arithmetic (λ=0.2)", "TIES (density 0.2, λ=1)"]
-LEARNED = ["MergeRec task-wise (TA init)", "MergeRec layer-wise (TA init)"]
+LEARNED = ["MergeRec task-wise (TA init)", "MergeRec layer-wise (TA init)", "MergeRec layer-wise (TIES init)"]
+START = {LEARNED[0]: FREE[1], LEARNED[1]: FREE[1], LEARNED[2]: FREE[2]}  # the training-free merge each learns from
 DISPLAY = [OWN, PRETRAINED, *FREE, *LEARNED]
 METRICS = ("recall@10", "ndcg@10")
 HEADLINE = "ndcg@10"
@@ -176,14 +177,14 @@ def objective_table(objectives, learn_stats, rows, domains):
                      if kept is not None else f"{curve[0][1]:.4f} → {curve[-1][1]:.4f}")
         lines.append(f"| {key.replace(' | ', ', ')} | " + " | ".join(f"{per[d]:.4f}" for d in domains) +
                      f" | {avg:.4f} | {'—' if ndcg is None else fmt(ndcg)} | {trace} |")
-    start = objectives.get(FREE[1])  # task arithmetic λ=0.2: the learned rows' initial merge
-    if start:
-        base = statistics.mean(start[d] for d in domains)
-        for key in keys:
-            if key.split(" | ")[0] in LEARNED:
-                value = statistics.mean(objectives[key][d] for d in domains)
-                lines.append(f"- {key}: learning moved the held-out objective from its start (task arithmetic "
-                             f"λ=0.2) {base:.4f} to {value:.4f} ({value - base:+.4f}).")
+    for key in keys:
+        name = key.split(" | ")[0]
+        start = objectives.get(START.get(name))  # the learned row's initial merge, measured as its own row
+        if name in LEARNED and start:
+            base = statistics.mean(start[d] for d in domains)
+            value = statistics.mean(objectives[key][d] for d in domains)
+            lines.append(f"- {key}: learning moved the held-out objective from its start ({START[name]}) "
+                         f"{base:.4f} to {value:.4f} ({value - base:+.4f}).")
     if len(points) >= 3:
         rho = spearmanr([p[0] for p in points], [p[1] for p in points])
         lines.append(f"- Rank correlation over the {len(points)} rows between the held-out objective and average "

@@ -86,5 +86,5 @@ def test_objective_table_places_every_row_and_correlates_it_with_the_metric():
     assert "9.0000 → 8.5000 (100) → 8.7000" in text
     ta = 10.0 - ndcg[rep.FREE[1]]
     seed0 = 10.0 - ndcg[f"{rep.LEARNED[0]} | seed 0"]
-    assert f"{ta:.4f} to {seed0:.4f} ({seed0 - ta:+.4f})" in text
+    assert f"from its start ({rep.FREE[1]}) {ta:.4f} to {seed0:.4f} ({seed0 - ta:+.4f})" in text
     assert rep.objective_table({}, {}, rows, DOMAINS) == ""
