@@ -86,5 +86,19 @@ def test_objective_table_places_every_row_and_correlates_it_with_the_metric():
     assert "9.0000 → 8.5000 (100) → 8.7000" in text
     ta = 10.0 - ndcg[rep.FREE[1]]
     seed0 = 10.0 - ndcg[f"{rep.LEARNED[0]} | seed 0"]
-    assert f"from its start ({rep.FREE[1]}) {ta:.4f} to {seed0:.4f} ({seed0 - ta:+.4f})" in text
+    assert f"from its start, {rep.FREE[1]}, {ta:.4f} to {seed0:.4f} ({seed0 - ta:+.4f})" in text
+    assert "over the 5 merged models" in text  # three training-free merges, two seeds of the learned row
     assert rep.objective_table({}, {}, rows, DOMAINS) == ""
+
+
+def test_a_learned_row_is_also_compared_with_the_merge_it_starts_from():
+    rows = synthetic(0.05, 0.03)
+    rows[rep.FREE[2]] = rows[rep.FREE[1]]  # TIES ties task arithmetic ...
+    rows[rep.FREE[1]] = synthetic(0.05, 0.03, seed=0)[rep.FREE[0]]  # ... which now sits lower: TIES is the best
+    found = rep.comparisons(rows, DOMAINS, n_resamples=2000)
+    labels = [label for label, _, _ in found]
+    assert f"{rep.LEARNED[0]} − {rep.FREE[2]} (best training-free)" in labels
+    assert f"{rep.LEARNED[0]} − {rep.FREE[1]} (its start)" in labels
+    lines = rep.verdicts(found, DOMAINS)
+    assert any(line.startswith(f"- {rep.LEARNED[0]} beats the merge it starts from on the average over domains: yes")
+               for line in lines), lines
