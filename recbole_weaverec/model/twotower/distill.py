@@ -75,10 +75,12 @@ def held_out_objective(towers, teachers, params, held_out, kd_weight, kd_tempera
             user = catalogue[items.to(catalogue.device) - 1]
         else:
             user = tower.encode_all([inputs[i - 1] for i in items.tolist()], batch_size, params=params)
-        teacher = t_users.to(catalogue.device)[items.to(catalogue.device) - 1] @ t_items.to(catalogue.device).T
-        for start in range(0, len(items), batch_size):  # [batch, n_items] score blocks, not [all, n_items]
+        t_users, t_items = t_users.to(catalogue.device), t_items.to(catalogue.device)
+        rows_of = items.to(catalogue.device) - 1
+        for start in range(0, len(items), batch_size):  # [batch, n_items] score blocks (teacher too), never [all, n]
             rows = slice(start, start + batch_size)
-            total += float(distill_loss(user[rows] @ catalogue.T, teacher[rows], kd_weight, kd_temperature,
+            teacher = t_users[rows_of[rows]] @ t_items.T
+            total += float(distill_loss(user[rows] @ catalogue.T, teacher, kd_weight, kd_temperature,
                                         reduction="none").sum())
         count += len(items)
     return total / max(count, 1)
