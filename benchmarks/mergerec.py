@@ -73,6 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--no-write", action="store_true", help="print only, do not touch RESULTS.md")
     p.add_argument("--cost", action="store_true", help="merge learning vs one fine-tuning epoch (bundled samples)")
     p.add_argument("--cost-users", type=int, default=1500, help="--cost: users per sample domain (all: 1500)")
+    p.add_argument("--cost-vectors", default="float32,bfloat16",
+                   help="--cost: merge_vector_dtype values to measure each merge with (comma-separated)")
+    p.add_argument("--vector-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="merge_vector_dtype: storage of the stacked task vectors while merging")
     args = p.parse_args(argv)
     try:
         args.merge_seeds = [int(s) for s in args.merge_seeds.split(",") if s.strip()]
@@ -108,7 +112,8 @@ def describe(args, sizes):
             f"batch 32 × {args.accumulation} accumulated, in-batch softmax, temperature 0.05, early stopping on valid "
             f"NDCG@10 after {args.stopping_step} evaluations without gain), {args.steps} coefficient-learning steps "
             f"(paper: 500) per merge seed ({', '.join(map(str, args.merge_seeds))}), batch 16, Adam 1e-3, "
-            f"CE + 1000·KL at T=0.05, layer-wise groups: {args.layer_groups}, {args.valid_ratio:g} of each "
+            f"CE + 1000·KL at T=0.05, layer-wise groups: {args.layer_groups}, task vectors stored in "
+            f"{args.vector_dtype}, {args.valid_ratio:g} of each "
             f"domain's pseudo-users held out of the learning (held-out loss every {args.valid_every} steps, best "
             f"coefficients kept). Full ranking over each slice's catalogue "
             f"(history items included, as officially), test split, RecBole's evaluator. Slices: {'; '.join(sizes)}. "
@@ -163,6 +168,7 @@ def main(argv=None):
            "max_attribute_tokens": args.max_attribute_tokens, "pooling": args.pooling,
            "gradient_accumulation_steps": args.accumulation, "warmup_ratio": args.warmup_ratio,
            "stopping_step": args.stopping_step, "merge_layer_groups": args.layer_groups,
+           **({"merge_vector_dtype": args.vector_dtype} if args.vector_dtype != "float32" else {}),
            **({"merge_valid_ratio": args.valid_ratio, "merge_valid_every": args.valid_every}
               if args.valid_ratio else {}),
            **({"precision": args.precision} if args.precision else {}),

@@ -63,6 +63,8 @@ class PeakMemory(PeakRSS):
 
 
 SAMPLES = ["toys-sample", "beauty-sample", "sports-sample"]
+MERGES = [("task", "task_arithmetic"), ("layer", "task_arithmetic"), ("layer", "ties")]  # the benchmark's learned rows
+INIT_NAMES = {"task_arithmetic": "TA", "ties": "TIES"}
 
 
 def _cost_finetune(cfg, domain):
@@ -89,14 +91,17 @@ def _cost_finetune(cfg, domain):
     return out
 
 
-def _cost_merge(cfg, granularity):
+def _cost_merge(cfg, variant):
     """(child process) The merge of the saved domain models, measured from after every domain's data and item
-    texts are built: reading the models, task vectors, teachers, student items, learning loop, merged weights."""
+    texts are built: reading the models, task vectors, teachers, student items, learning loop, merged weights.
+    ``variant``: (granularity, merge_init, merge_vector_dtype)."""
     from recbole.data import create_dataset
     from recbole_weaverec.model.twotower.mergerec import MergePipeline, MergeRec
     from recbole_weaverec.quick_start import build_config
 
-    config = build_config("MergeRec", SAMPLES[0], config_dict={**cfg, "merge_granularity": granularity})
+    granularity, init, vectors = variant
+    config = build_config("MergeRec", SAMPLES[0], config_dict={**cfg, "merge_granularity": granularity,
+                                                               "merge_init": init, "merge_vector_dtype": vectors})
     pipe = MergePipeline(config, MergeRec(config, create_dataset(config).build()[0]).to(config["device"]))
     [pipe.domain(d) for d in pipe.domains]  # the domains' data and item texts: built before the measure
     with PeakMemory() as mem:
@@ -125,11 +130,14 @@ def cost(args):
            "train_batch_size": 32, "learning_rate": args.lr, "max_user_tokens": args.max_user_tokens,
            "max_item_tokens": args.max_item_tokens, "max_attribute_tokens": args.max_attribute_tokens,
            "max_seq_items": args.max_seq_items, "pooling": args.pooling, "merge_steps": args.steps,
-           "show_progress": False, "state": "WARNING", "seed": args.seed, "checkpoint_dir": str(models / "saved")}
+           "show_progress": False, "state": "WARNING", "seed": args.seed, "checkpoint_dir": str(models / "saved"),
+           **({"precision": args.precision} if args.precision else {})}
     rows = {}
     try:
+        merges = [(g, init, v) for g, init in MERGES for v in args.cost_vectors.split(",")]
         for name, fn, arg in [*((f"fine-tuning epoch: {d}", _cost_finetune, d) for d in SAMPLES),
-                              *((f"merge learning: {g}-wise", _cost_merge, g) for g in ("task", "layer"))]:
+                              *((f"merge learning: {g}-wise, {INIT_NAMES[i]} init, {v} task vectors", _cost_merge,
+                                 (g, i, v)) for g, i, v in merges)]:
             with ProcessPoolExecutor(1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
                 rows[name] = pool.submit(fn, cfg, arg).result()
             print(name, rows[name], flush=True)
@@ -139,7 +147,8 @@ def cost(args):
     epoch_s, epoch_mb = statistics.mean(r["s"] for r in epochs), statistics.median(r["mb"] for r in epochs)
     memory = "CUDA allocator" if epochs[0]["cuda"] else "resident set, sampled every 50 ms"
     lines = [f"Bundled samples, {args.cost_users} users each (seed {args.seed}); TextSeqRec on the embedded MiniLM, "
-             f"batch 32, user text ≤ {args.max_user_tokens} tokens; merge: {args.steps} steps of 16 pseudo-users. "
+             f"batch 32, user text ≤ {args.max_user_tokens} tokens, {args.precision or 'default'} precision; merge: "
+             f"{args.steps} steps of 16 pseudo-users. "
              f"Load average at the end: {os.getloadavg()[0]:.1f} (on a shared machine compare the ratios of one run, "
              f"not times across runs). Memory: peak growth during the phase ({memory}).", "",
              "| phase | s | peak growth MB | detail |", "|---|---|---|---|"]

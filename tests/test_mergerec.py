@@ -97,6 +97,72 @@ def test_ties_trims_elects_and_takes_disjoint_mean():
     assert torch.allclose(merged["w"], torch.tensor([2.0, -4.0, -5.0, 2.0]))
 
 
+def random_states(seed=0, k=3):
+    """A base state with a parameter larger than one float32 block of the bfloat16 product, and k task vectors."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"emb.weight": (400, 300), "layer.0.w": (7, 5), "layer.0.b": (5,), "layer.1.w": (5, 5)}
+    base = {key: torch.randn(shape, generator=g) for key, shape in shapes.items()}
+    base["ids"] = torch.arange(4)  # not floating point: passes through
+    tvs = [{key: torch.randn(shape, generator=g) * 1e-2 for key, shape in shapes.items()} for _ in range(k)]
+    return base, list(shapes), tvs
+
+
+def stacked_of(base, keys, tvs, **kw):
+    from recbole_weaverec.model.twotower.stacked import StackedTaskVectors
+
+    stacked = StackedTaskVectors(base, keys, len(tvs), **kw)
+    for i, tv in enumerate(tvs):
+        stacked.set_task_vector(i, {k: base[k] + tv[k] for k in keys} | {"ids": base["ids"]}, base)
+    return stacked
+
+
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_stacked_ties_prepared_in_place_equals_prepare_task_vectors(density):
+    base, keys, tvs = random_states()
+    stacked = stacked_of(base, keys, tvs).prepare("ties", density)
+    reference = prepare_task_vectors([{k: stacked_of(base, keys, tvs).row(i)[k] for k in keys}
+                                      for i in range(len(tvs))], method="ties", density=density)
+    for i in range(len(tvs)):
+        assert all(torch.equal(stacked.row(i)[k], reference[i][k]) for k in keys)
+    kept = sum(int((stacked.row(0)[k] != 0).sum()) for k in keys)
+    assert kept < 0.3 * sum(base[k].numel() for k in keys) if density < 1 else kept > 0
+    with pytest.raises(MergeError, match="density must be in"):
+        stacked_of(base, keys, tvs).prepare("ties", 0)
+
+
+def test_bfloat16_task_vectors_merge_and_differentiate_like_float32_on_the_stored_values():
+    from recbole_weaverec.model.twotower.stacked import StackedTaskVectors
+
+    base, keys, tvs = random_states(seed=1)
+    group_of = {k: (0 if k.startswith("emb") else 1) for k in keys}
+    half = stacked_of(base, keys, tvs, group_of=group_of, dtype=torch.bfloat16).prepare("ties", 0.5)
+    assert half.vectors.dtype == torch.bfloat16 and half.base.dtype == torch.float32
+    assert half.vectors.element_size() * half.vectors.numel() * 2 == (
+        stacked_of(base, keys, tvs).vectors.numel() * 4)  # half the bytes
+    full = StackedTaskVectors(base, keys, len(tvs), group_of=group_of)  # float32 rows = the stored bf16 values
+    full.vectors.copy_(half.vectors.float())
+    coefficients = torch.tensor([[0.3, 1.1], [0.7, -0.2], [1.3, 0.5]])
+    grads = []
+    for stacked in (half, full):
+        c = coefficients.clone().requires_grad_()
+        merged = stacked.merged(c)
+        loss = sum((merged[k] * torch.cos(torch.arange(merged[k].numel()).view_as(merged[k]) * 1.0)).sum()
+                   for k in keys)
+        loss.backward()
+        grads.append(c.grad)
+        assert torch.equal(merged["ids"], base["ids"])
+        if stacked is half:
+            values = {k: merged[k].detach() for k in keys}
+    reference = full.state(coefficients)
+    for k in keys:
+        assert values[k].dtype == torch.float32
+        torch.testing.assert_close(values[k], reference[k], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-4)
+    assert (grads[0] != 0).all()
+    with pytest.raises(MergeError, match="dtype torch.float16 is not allowed: expected one of float32, bfloat16"):
+        StackedTaskVectors(base, keys, 2, dtype=torch.float16)
+
+
 def test_pseudo_users_one_sequence_per_item_per_domain():
     users = pseudo_users([4, 6])  # n_items includes the padding item 0
     assert len(users) == 3 + 5
@@ -243,6 +309,9 @@ def test_one_domain_is_refused(world, run_dir):
     with pytest.raises(ConfigError, match="merge_layer_groups='layers' is not allowed: expected one of others, "
                                           "modules"):
         build_config("MergeRec", "ta", config_dict=cfg(world, merge_layer_groups="layers"))
+    with pytest.raises(ConfigError, match="merge_vector_dtype='float16' is not allowed: expected one of float32, "
+                                          "bfloat16"):
+        build_config("MergeRec", "ta", config_dict=cfg(world, merge_vector_dtype="float16"))
 
 
 def test_teachers_top_item_for_a_pseudo_user_is_that_item(world, run_dir):
@@ -258,10 +327,12 @@ def test_teachers_top_item_for_a_pseudo_user_is_that_item(world, run_dir):
         assert torch.allclose(scores.diagonal(), torch.ones(n - 1), atol=1e-5)  # cosine 1 with itself
 
 
-def test_distillation_loss_falls_on_a_fixed_batch(world, run_dir):
-    pipe = pipeline(world, merge_steps=1, merge_lr=0.02, merge_batch_size=16)
+@pytest.mark.parametrize("vectors", ["float32", "bfloat16"])
+def test_distillation_loss_falls_on_a_fixed_batch(world, run_dir, vectors):
+    pipe = pipeline(world, merge_steps=1, merge_lr=0.02, merge_batch_size=16, merge_vector_dtype=vectors)
     pipe.run(keep_learner=True)
     learner = pipe.learner
+    assert learner.stacked.vectors.dtype == getattr(torch, vectors)
     batch = learner.next_batch()
     start = learner.coefficients.detach().clone()
     losses = [learner.step(batch) for _ in range(12)]

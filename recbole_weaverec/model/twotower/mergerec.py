@@ -29,6 +29,7 @@ from recbole_weaverec.model.twotower.trainer import ChunkedEvaluation
 MERGE_INITS = ("task_arithmetic", "ties", "average")
 GRANULARITIES = ("task", "layer")
 LAYER_GROUPINGS = ("others", "modules")
+VECTOR_DTYPES = ("float32", "bfloat16")  # storage of the stacked task vectors (stacked.VECTOR_DTYPES)
 _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.\d+(?=\.|$)")
 DEFAULT_COEFFICIENT = {"task_arithmetic": 0.2, "ties": 1.0}  # paper's initial values; average: 1/K
 
@@ -117,7 +118,7 @@ class MergePipeline:
         the next; the stacked vectors and the learner go once the merge is built (``keep_learner`` keeps the
         learner, e.g. to inspect or step it)."""
         from recbole_weaverec.model.twotower.distill import teacher_embeddings
-        from recbole_weaverec.model.twotower.stacked import StackedTaskVectors
+        from recbole_weaverec.model.twotower.stacked import VECTOR_DTYPES as TORCH_DTYPES, StackedTaskVectors
         from recbole_weaverec.merging import AdapterMismatchError
 
         config = self.config
@@ -127,7 +128,8 @@ class MergePipeline:
         group_of, groups = coefficient_groups(keys, config["merge_layer_groups"])
         layer = config["merge_granularity"] == "layer"
         device = next(self.model.parameters()).device
-        stacked = StackedTaskVectors(base, keys, len(self.domains), group_of if layer else None, device)
+        stacked = StackedTaskVectors(base, keys, len(self.domains), group_of if layer else None, device,
+                                     dtype=TORCH_DTYPES[config["merge_vector_dtype"]])
         base_meta = encoder_meta(self.model, "pretrained base encoder")
         first, teachers = None, []
         self.timings.update(domain_models_s=0.0, teacher_s=0.0)
@@ -294,6 +296,7 @@ class MergeRec(TextSeqRec):
         check_choice(config, "merge_init", MERGE_INITS)
         check_choice(config, "merge_granularity", GRANULARITIES)
         check_choice(config, "merge_layer_groups", LAYER_GROUPINGS)
+        check_choice(config, "merge_vector_dtype", VECTOR_DTYPES)
         for key in ("merge_learn", "merge_finetune"):
             check_bool(config, key)
         check_number(config, "merge_density", low=0, high=1, low_open=True)
