@@ -121,7 +121,9 @@ def test_bad_config_values(tiny_data, tiny_encoder, run_dir):
            ({"lr_schedule": "cosine"}, r"lr_schedule='cosine' is not allowed: expected one of linear, constant"),
            ({"warmup_ratio": 1.5}, r"warmup_ratio=1.5 is out of range: expected a number in \[0, 1\]"),
            ({"warmup_steps": -1}, r"warmup_steps=-1 is out of range: expected an integer >= 0"),
-           ({"gradient_accumulation_steps": 0}, r"gradient_accumulation_steps=0 is out of range")]
+           ({"gradient_accumulation_steps": 0}, r"gradient_accumulation_steps=0 is out of range"),
+           ({"max_train_samples": 0}, r"max_train_samples=0 is out of range: expected an integer >= 1"),
+           ({"max_train_samples": "all"}, r"max_train_samples='all' is not allowed: expected an integer >= 1 or null")]
     for kw, message in bad:
         with pytest.raises(ConfigError, match=message) as e:
             build_config("TextSeqRec", "tiny", config_dict=fast(tiny_data, tiny_encoder, **kw))
@@ -334,3 +336,44 @@ def test_item_inputs_read_a_tensor_once_not_once_per_item(tiny_data, tiny_encode
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real: reads.append(1) or _real(self, *a))
     assert model.tower.item_inputs(items) == expected and reads == []
+
+
+def _rows(loader):
+    """The (user, target item) pairs of a training loader's split."""
+    feat = loader._dataset.inter_feat
+    ds = loader._dataset
+    return sorted(zip(feat[ds.uid_field].tolist(), feat[ds.iid_field].tolist()))
+
+
+def test_max_train_samples_trains_on_n_seeded_rows_of_the_split(tiny_data, tiny_encoder, run_dir):
+    from recbole_weaverec.model.twotower.trainer import TextSeqRecTrainer, sample_training_rows
+
+    config, model, (train, valid, _) = tiny_model(tiny_data, tiny_encoder, max_train_samples=7, lr_schedule="constant")
+    full = _rows(train)
+    assert len(full) > 7
+    a, b = sample_training_rows(train, 7, 0), sample_training_rows(train, 7, 0)
+    assert type(a) is type(train) and len(a._dataset) == 7 and _rows(a) == _rows(b)
+    assert set(_rows(a)) <= set(full) and len(set(_rows(a))) == 7  # drawn without replacement from the split
+    assert _rows(sample_training_rows(train, 7, 1)) != _rows(a)  # the seed chooses the rows
+    assert sample_training_rows(train, None, 0) is train and sample_training_rows(train, len(full), 0) is train
+    seen = []
+    trainer = TextSeqRecTrainer(config, model)
+    epoch = trainer._train_epoch
+    trainer._train_epoch = lambda data, *args, **kw: (seen.append(_rows(data)), epoch(data, *args, **kw))[1]
+    trainer.fit(train, None, saved=False)
+    assert seen == [_rows(sample_training_rows(train, 7, config["seed"]))]  # fit trained on the seeded sample
+    assert trainer.planned_steps(sample_training_rows(train, 7, 0)) == -(-7 // config["train_batch_size"])
+    assert len(valid._dataset) == len(tiny_model(tiny_data, tiny_encoder)[2][1]._dataset)  # valid keeps every user
+
+
+def test_max_train_samples_enters_the_domain_model_cache_key_only_when_set(tiny_data, tiny_encoder, run_dir):
+    from recbole_weaverec.model.twotower.domains import cache_key
+
+    config = build_config("TextSeqRec", "tiny", config_dict=fast(tiny_data, tiny_encoder))
+    whole = cache_key(config, tiny_encoder)
+    config["max_train_samples"] = 7
+    seven = cache_key(config, tiny_encoder)
+    config["max_train_samples"] = 8
+    assert len({whole, seven, cache_key(config, tiny_encoder)}) == 3
+    config["max_train_samples"] = None
+    assert cache_key(config, tiny_encoder) == whole

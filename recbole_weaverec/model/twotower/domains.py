@@ -64,6 +64,8 @@ def cache_key(dconfig, encoder_path):
     settings = {k: dconfig[k] for k in TRAINING_KEYS}
     if training_autocast(dconfig) is not None:  # only then: fp32 runs keep the keys they had before the option
         settings["precision"] = "bf16"
+    if dconfig["max_train_samples"] is not None:  # likewise: a model of the whole split keeps its key
+        settings["max_train_samples"] = dconfig["max_train_samples"]
     payload = {"domain": name, "files": [_file_stamp(f) for f in files if os.path.isfile(f)],
                "encoder": encoder_identity(encoder_path), "settings": settings}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -46,6 +46,7 @@ class TextSeqRec(ModelHooks, SequentialRecommender):
                     "gradient_accumulation_steps"):
             check_int(config, key, low=1)
         check_choice(config, "softmax", SOFTMAX)
+        check_int(config, "max_train_samples", low=1, allow_none=True)
         cuts = [check_int(config, key, low=1, allow_none=True) for key in ("max_item_tokens", "max_attribute_tokens")]
         if cuts == [None, None]:
             raise ConfigError("max_item_tokens=None and max_attribute_tokens=None is not allowed: set at least one "

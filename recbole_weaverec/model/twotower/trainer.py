@@ -7,17 +7,32 @@
   ``warmup_ratio`` of the planned steps) then linear decay to 0 at the last planned step
   (``transformers.get_linear_schedule_with_warmup``); ``constant`` = RecBole's fixed rate.
 - full-ranking evaluation in chunks of ``encode_batch_size`` users (``ChunkedEvaluation``).
+- ``max_train_samples: N``: each fit trains on N rows (training prefixes) of the split drawn with ``seed``
+  (``sample_training_rows``), the CPU scale of a whole domain; valid and test keep every user.
 Early stopping on ``valid_metric`` (default NDCG@10) after ``stopping_step`` evaluations without gain, keeping the
 best checkpoint, is RecBole's own ``fit``.
 """
 import math
 
+import numpy as np
 import torch
 from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.trainer import Trainer
 from torch.nn.utils.clip_grad import clip_grad_norm_
 
 LR_SCHEDULES = ("linear", "constant")
+
+
+def sample_training_rows(train_data, n, seed):
+    """A loader of the same kind over ``n`` rows of ``train_data``'s dataset drawn without replacement with
+    ``seed`` (numpy's generator: the same rows on every machine and for every model of one seed); ``train_data``
+    itself when ``n`` is None or not below the split's size."""
+    dataset = train_data._dataset
+    if n is None or n >= len(dataset):
+        return train_data
+    rows = np.sort(np.random.default_rng(seed).choice(len(dataset), int(n), replace=False))
+    sub = dataset.copy(dataset.inter_feat[torch.from_numpy(rows)])
+    return type(train_data)(train_data.config, sub, train_data._sampler, shuffle=train_data.shuffle)
 
 
 class UserChunks(FullSortEvalDataLoader):
@@ -88,6 +103,7 @@ class TextSeqRecTrainer(ChunkedEvaluation, Trainer):
         return get_linear_schedule_with_warmup(self.optimizer, self.warmup(total), total)
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        train_data = sample_training_rows(train_data, self.config["max_train_samples"], self.config["seed"])
         self.scheduler = self.build_scheduler(train_data)
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
 
