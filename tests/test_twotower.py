@@ -146,6 +146,22 @@ def test_items_without_text_fields_are_named(tmp_path, tiny_encoder, run_dir):
 def test_run_end_to_end(tiny_data, tiny_encoder, run_dir):
     result = run("TextSeqRec", "tiny", config_dict=fast(tiny_data, tiny_encoder))
     assert set(result["test_result"]) >= {"recall@10", "ndcg@10"}
+    untrained = run("TextSeqRec", "tiny", config_dict=fast(tiny_data, tiny_encoder, epochs=0))  # the untrained start
+    assert set(untrained["test_result"]) >= {"recall@10", "ndcg@10"} and untrained["test_result"] != result["test_result"]
+
+
+def test_zero_epochs_evaluates_the_untouched_encoder(tiny_data, tiny_encoder, run_dir):
+    from recbole_weaverec.model.twotower.trainer import TextSeqRecTrainer
+
+    config, model, (train, valid, test) = tiny_model(tiny_data, tiny_encoder, epochs=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = TextSeqRecTrainer(config, model)
+    trainer.fit(train, valid, saved=True)
+    for p in model.parameters():
+        p.data.add_(1.0)  # evaluate() must load the saved checkpoint: the untouched weights
+    result = trainer.evaluate(test, load_best_model=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert 0.0 <= result["ndcg@10"] <= 1.0
 
 
 # ---- fidelity options (MergeRec authors' code): pooling, per-attribute cut, schedule, accumulation, evaluation ----

@@ -9,6 +9,7 @@
 - full-ranking evaluation in chunks of ``encode_batch_size`` users (``ChunkedEvaluation``).
 - ``max_train_samples: N``: each fit trains on N rows (training prefixes) of the split drawn with ``seed``
   (``sample_training_rows``), the CPU scale of a whole domain; valid and test keep every user.
+- ``epochs: 0`` evaluates the pretrained encoder as it is (a model's untrained start, beside the trained one).
 Early stopping on ``valid_metric`` (default NDCG@10) after ``stopping_step`` evaluations without gain, keeping the
 best checkpoint, is RecBole's own ``fit``.
 """
@@ -105,7 +106,10 @@ class TextSeqRecTrainer(ChunkedEvaluation, Trainer):
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         train_data = sample_training_rows(train_data, self.config["max_train_samples"], self.config["seed"])
         self.scheduler = self.build_scheduler(train_data)
-        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        if saved and self.epochs <= self.start_epoch:  # epochs: 0 = the untouched encoder (the untrained start):
+            self._save_checkpoint(self.start_epoch, verbose=verbose)  # the checkpoint evaluate() loads
+        return result
 
     def _optimizer_step(self, scaler):
         if self.clip_grad_norm:
