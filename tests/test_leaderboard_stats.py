@@ -45,9 +45,9 @@ def test_cells_keep_per_user_metrics_averaging_to_the_cell_metric(tiny_data, run
     assert {k: round(v, 4) for k, v in rows[("full", "EASE")]["metrics"].items()} == plain["test_result"]
     md = (run_dir / "out" / "results.md").read_text()
     head = md[md.index("Test NDCG@10:"):md.index("### `full` · tiny")]
-    assert "| model | sources | history / ties | tuning | tiny |" in head
-    assert re.search(r"\| EASE \| - \| train\+valid / popularity \| defaults \| (\*\*)?0\.\d{4} ± 0\.\d{4}(\*\*)? \|", head)
-    assert re.search(r"\| Pop \| - \| train / none \| defaults \| (\*\*)?0\.\d{4} ± 0\.\d{4}(\*\*)? \|", head)
+    assert "| model | sources | history / ties / seen items | tuning | tiny |" in head
+    assert re.search(r"\| EASE \| - \| train\+valid / popularity / removed \| defaults \| (\*\*)?0\.\d{4} ± 0\.\d{4}(\*\*)? \|", head)
+    assert re.search(r"\| Pop \| - \| train / none / removed \| defaults \| (\*\*)?0\.\d{4} ± 0\.\d{4}(\*\*)? \|", head)
     assert NO_PER_USER not in md
 
 
@@ -93,7 +93,7 @@ def test_clear_winner_bold_tie_not_bold_with_footnote():
     note = next(ln for ln in part.splitlines() if ln.startswith("- `d2`:"))
     assert "C is not significantly better than B" in note and note.endswith("tied with C: B")
     assert "- `d1`" not in part and NO_PER_USER not in md
-    assert "| history / ties |" in part and "| train+valid / popularity |" in part
+    assert "| history / ties / seen items |" in part and "| train+valid / popularity / removed |" in part
 
 
 def test_rows_without_per_user_data_still_render(tmp_path):
@@ -109,7 +109,7 @@ def test_rows_without_per_user_data_still_render(tmp_path):
     assert lines["New"][0].startswith("0.") and " ± " in lines["New"][0] and "**" not in lines["New"][0]
     assert "- `d1`: Old vs New not tested (no per-user data)" in part
     assert "**" not in lines["New"][1] and "- `d2`: New vs Older not tested (no per-user data)" in part
-    assert "| train+valid / - |" in part  # a row cached before tie_break was recorded
+    assert "| train+valid / - / removed |" in part  # a row cached before tie_break was recorded
     assert len(write_charts(rows, None, tmp_path)) == 4  # NDCG@10 and Hit@10 of each protocol
     assert all((tmp_path / f).read_bytes()[:4] == b"\x89PNG" for f in ("full_NDCG-10.png", "uni29_NDCG-10.png"))
 
@@ -164,3 +164,17 @@ def test_per_user_needs_one_process():
     with pytest.raises(ValueError) as e:
         run("Pop", "tiny", nproc=2, per_user=True)
     assert str(e.value) == "per_user=True needs a single-process run, got nproc=2, world_size=-1"
+
+
+def test_full_ranking_tables_say_whether_seen_items_stay_in_the_ranking():
+    """RecBole removes a user's training items from a full ranking for general models only: the column says which
+    rows can recommend a repeat; sampled protocols (candidates never include seen items) keep two parts."""
+    base = _users()
+    seq = dict(_pu_row("Seq", 1, base), model_type="SEQUENTIAL")
+    rows = [_pu_row("Gen", 1, base), seq, dict(_pu_row("Gen", 1, base, protocol="uni29")),
+            dict(seq, protocol="uni29")]
+    md = render_markdown(rows, now="2026-01-01 00:00 UTC")
+    full, uni = md[:md.index("## Protocol `uni29`")], md[md.index("## Protocol `uni29`"):]
+    assert "| Seq | - | train+valid / popularity / ranked |" in full
+    assert "| Gen | - | train+valid / popularity / removed |" in full
+    assert "seen items" not in uni and "| Seq | - | train+valid / popularity |" in uni

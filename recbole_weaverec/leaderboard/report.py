@@ -63,6 +63,7 @@ def aggregate(rows):
             g["wall"].append(float(r["wall_s"]))
             g["history"] = r["history"]
             g["tie_break"] = r.get("tie_break", "")
+            g["model_type"] = r.get("model_type") or ""
             for m, v in r["metrics"].items():
                 g["values"].setdefault(m, []).append(v)
         elif r["status"] in ("failed", "skipped") and r["error"] and r["error"] not in g["errors"]:
@@ -76,9 +77,19 @@ def _fmt(mean, std, n, digits=4):
     return f"{mean:.{digits}f}" if n < 2 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _conditions(g):
-    """'train+valid / popularity': the history a model scores test users from, and how it orders equal scores."""
-    return f"{g['history'] or '-'} / {g['tie_break'] or '-'}"
+def _conditions(g, protocol=None):
+    """'train+valid / popularity': the history a model scores test users from, and how it orders equal scores; in
+    full ranking also whether the user's own training items stay in the ranking (RecBole removes them for general
+    models only, so only a sequential model can recommend a repeat purchase)."""
+    out = f"{g['history'] or '-'} / {g['tie_break'] or '-'}"
+    if protocol == "full":
+        kind = g.get("model_type") or ""
+        out += " / " + ("ranked" if kind == "SEQUENTIAL" else "removed" if kind else "-")
+    return out
+
+
+def _conditions_header(protocol):
+    return "history / ties / seen items" if protocol == "full" else "history / ties"
 
 
 def _tuning(g):
@@ -176,7 +187,10 @@ def render_markdown(rows, cfg=None, charts=None, now=None):
             "sequence) and for our closed forms (`test_history: train_valid`, their default); `train` for RecBole's "
             "general models (Pop, BPR, LightGCN, recbole:EASE), which never see the validation item as input. Ties: "
             "`popularity` (our closed forms' default `tie_break`) or `none` (RecBole's item order). Our EASE equals "
-            "RecBole's EASE only with `test_history: train` and `tie_break: none`.", ""]
+            "RecBole's EASE only with `test_history: train` and `tie_break: none`. `seen items` (full ranking): "
+            "`removed` = RecBole takes the user's training items out of the ranking (general and closed-form "
+            "models), `ranked` = every item stays in it (sequential models, as in the official MergeRec evaluator), "
+            "so only those can recommend an item the user already has (a repeat purchase).", ""]
     stale = list(dict.fromkeys(r["label"] for r in rows if r["status"] == "ok" and not r.get("per_user")))
     if stale:
         out += [f"_{', '.join(stale)}: {NO_PER_USER}(s) to get intervals and paired tests (cached by a version "
@@ -213,7 +227,7 @@ def render_markdown(rows, cfg=None, charts=None, now=None):
                 g = groups.get((protocol, d, label, src))
                 if g is None:
                     continue
-                line = [label, src, _conditions(g), _tuning(g)]
+                line = [label, src, _conditions(g, protocol), _tuning(g)]
                 for j, m in enumerate(columns):
                     if m in g["metrics"]:
                         mean, std = g["metrics"][m]
@@ -225,8 +239,8 @@ def render_markdown(rows, cfg=None, charts=None, now=None):
                 wall = f"{sum(g['wall']) / len(g['wall']):.0f}" if g["wall"] else "-"
                 line += [wall, f"{g['n']}/{g['total']}"]
                 body.append(line)
-            header = ["model", "sources", "history / ties", "tuning", *[metric_name(m) for m in columns], "time (s)",
-                      "seeds"]
+            header = ["model", "sources", _conditions_header(protocol), "tuning", *[metric_name(m) for m in columns],
+                      "time (s)", "seeds"]
             out += [markdown_table(header, body, means), ""]
             notes = [(label, e) for (p, dd, label, _), g in groups.items() if p == protocol and dd == d
                      for e in g["errors"]]
@@ -248,7 +262,7 @@ def _headline_table(protocol, head, models, datasets, groups, by_group):
     """Models x datasets: mean ± 95% interval where the cells kept per-user data (the mean alone otherwise); the
     best bold only where significant (``significance.compare``), with a footnote per column where it is not."""
     finished = {k[2:]: g for k, g in groups.items() if k[0] == protocol and g["n"]}  # history / ties: any dataset's
-    body = [[label, src, _conditions(finished[(label, src)]) if (label, src) in finished else "-",
+    body = [[label, src, _conditions(finished[(label, src)], protocol) if (label, src) in finished else "-",
              _tuning(finished.get((label, src)))] for label, src in models]
     notes = []
     for d in datasets:
@@ -274,7 +288,7 @@ def _headline_table(protocol, head, models, datasets, groups, by_group):
             line.append(f"**{text}**" if label == best else text)
         if note:
             notes.append(f"- `{d}`: {note}")
-    lines = [markdown_table(["model", "sources", "history / ties", "tuning", *datasets], body, {}), ""]
+    lines = [markdown_table(["model", "sources", _conditions_header(protocol), "tuning", *datasets], body, {}), ""]
     return lines + (notes + [""] if notes else [])
 
 
