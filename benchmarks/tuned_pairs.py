@@ -34,17 +34,21 @@ def report(cfg, protocol, pairs, datasets=None, untuned=()):
     head = (cfg["protocols"][protocol]["headline"] or "NDCG@10").lower()
     groups = group_rows(rows)
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    labels = list(dict.fromkeys(r["label"] for r in rows if r["status"] == "ok"))
+    # a row is (label, sources): a merge or cross-domain row carries its sources ("-" for single-domain ones)
+    labels = list(dict.fromkeys((r["label"], r["sources"]) for r in rows if r["status"] == "ok"))
     lines = [f"Protocol `{protocol}`, test {head} (mean ± 95% t interval over users; every cell of a table scores "
              f"the same users). Values chosen on validation (`tuning.trials` = {cfg['tuning']['trials']}).", "",
              "| dataset | model | tuning | chosen | valid score | test " + head + " | time (s) |",
              "|---|---|---|---|---|---|---|"]
     data = {}
     for d in datasets:
-        for label in labels:
-            g = groups.get((protocol, d, label, "-"))
+        for label, sources in labels:
+            g = groups.get((protocol, d, label, sources))
             if not g or g[0]["status"] != "ok":
                 continue
+            if (d, label) in data:  # --pair names labels only
+                raise SystemExit(f"tuned_pairs: label {label!r} has rows with several sources on {d}; give each "
+                                 "its own label in the board config")
             values, _ = seed_average(g, head)
             data[(d, label)] = values
             ci = interval(values) if values is not None else None
@@ -79,6 +83,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     pairs = [tuple(x.split(":", 1)) for x in args.pair]
+    bad = [x for x, pair in zip(args.pair, pairs) if len(pair) != 2 or not all(pair)]
+    if bad:
+        p.error(f"--pair {bad[0]!r}: give two labels of the board as A:B")
     body = report(cfg, args.protocol, pairs, set(args.dataset), set(args.untuned))
     if args.note:
         body += "\n\n" + "\n".join(f"- {line}" for line in args.note)

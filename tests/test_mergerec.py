@@ -33,6 +33,14 @@ def world(tmp_path_factory):
     return {"root": root, "data": data, "encoder": encoder, "cache": root / "cache"}
 
 
+@pytest.fixture(autouse=True)
+def learn_afresh(world):
+    """Each test learns its own merge: coefficients saved by an earlier test of the module are not reused (the
+    domain models are: fine-tuning them is what takes time)."""
+    for f in world["cache"].glob("coefficients-*.json"):
+        f.unlink()
+
+
 def cfg(world, **kw):
     return {**SMALL, "data_path": str(world["data"]), "text_encoder_path": world["encoder"],
             "merge_domains": ["ta", "tb"], "merge_cache_dir": str(world["cache"]), **kw}
@@ -303,6 +311,41 @@ def test_run_reports_every_domain_and_reuses_domain_models(world, run_dir, caplo
     assert "reusing fine-tuned model" in caplog.text and "fine-tuning TextSeqRec" not in caplog.text
 
 
+def test_learned_coefficients_are_reused_by_a_run_for_another_domain(world, run_dir, caplog, monkeypatch):
+    import logging
+
+    from recbole_weaverec.model.twotower.distill import CoefficientLearner
+    from recbole_weaverec.model.twotower.textseqrec import TextSeqRec
+
+    caplog.set_level(logging.INFO)
+    steps, real_step = [], CoefficientLearner.step
+    monkeypatch.setattr(CoefficientLearner, "step", lambda self, *a: steps.append(1) or real_step(self, *a))
+    first = pipeline(world)
+    first.run()
+    assert len(steps) == SMALL["merge_steps"] and len(list(world["cache"].glob("coefficients-*.json"))) == 1
+    rows, predict = [], TextSeqRec.full_sort_predict
+    monkeypatch.setattr(TextSeqRec, "full_sort_predict", lambda m, inter: rows.append(1) or predict(m, inter))
+    # the board's cell for the other domain: the merge is read, not learned; tested on its own domain only
+    result = run("MergeRec", "tb", config_dict=cfg(world, state="INFO", merge_eval_domains="dataset"))
+    assert len(steps) == SMALL["merge_steps"] and "reusing the coefficients learned before" in caplog.text
+    assert "merged model on ta" not in caplog.text and "domain_test_results" not in result
+    second = pipeline(world)
+    second.run()
+    assert torch.equal(second.coefficients, first.coefficients) and len(steps) == SMALL["merge_steps"]
+    assert not torch.equal(first.coefficients, torch.full_like(first.coefficients, 0.2))  # learning moved them
+    pipeline(world, merge_lr=0.01).run()  # another learning setting: learned, not read
+    assert len(steps) == 2 * SMALL["merge_steps"]
+    for f in world["cache"].glob("coefficients-*.json"):  # a cut or edited file is learned again, with a warning
+        f.write_text('{"coefficients": [1.0, 2.0, 3.0]}')
+    caplog.clear()
+    again = pipeline(world)
+    again.run()
+    assert len(steps) == 3 * SMALL["merge_steps"] and "learning them again" in caplog.text
+    assert torch.equal(again.coefficients, first.coefficients)  # and learning is deterministic
+    with pytest.raises(ConfigError, match="merge_eval_domains='some' is not allowed: expected one of all, dataset"):
+        build_config("MergeRec", "ta", config_dict=cfg(world, merge_eval_domains="some"))
+
+
 def test_one_domain_is_refused(world, run_dir):
     with pytest.raises(ConfigError, match="merge_domains.*1 domain"):
         build_config("MergeRec", "ta", config_dict=cfg(world, merge_domains=["ta"]))
@@ -506,7 +549,8 @@ def test_one_forward_per_step_teachers_once_and_states_freed(world, run_dir, mon
     assert len(calls) == 2 * passes + 3
     assert all(pipe.domain(d)[0].tower.encoder is pipe.model.tower.encoder for d in pipe.domains)  # one encoder
     gc.collect()
-    assert alive == [0, 0] and not any(r() for r in refs)  # one fine-tuned state at a time, none kept
+    # read twice (task vectors, then the teachers), one fine-tuned state at a time, none kept
+    assert alive == [0, 0, 0, 0] and not any(r() for r in refs)
     assert pipe.learner is None and matrices and matrices[0]() is None  # stacked task vectors freed after run
 
 

@@ -393,3 +393,20 @@ def test_max_train_samples_enters_the_domain_model_cache_key_only_when_set(tiny_
     assert len({whole, seven, cache_key(config, tiny_encoder)}) == 3
     config["max_train_samples"] = None
     assert cache_key(config, tiny_encoder) == whole
+
+
+def test_domain_model_cache_key_follows_contents_not_file_times(tiny_data, tiny_encoder, run_dir, tmp_path):
+    import os
+    import shutil
+
+    from recbole_weaverec.model.twotower.domains import cache_key
+
+    config = build_config("TextSeqRec", "tiny", config_dict=fast(tiny_data, tiny_encoder))
+    key = cache_key(config, tiny_encoder)
+    inter = os.path.join(config["data_path"], "tiny.inter")
+    os.utime(inter, ns=(1, 1))  # a fresh copy of the same data (a new checkout, a re-mounted share)
+    copy = shutil.copytree(tiny_encoder, tmp_path / "encoder copy")  # the same encoder in another folder
+    assert cache_key(config, str(copy)) == key
+    with open(inter, "a") as f:  # one more interaction: the domain model is trained again
+        f.write("1\t2\t99\n")
+    assert cache_key(config, tiny_encoder) != key

@@ -43,9 +43,20 @@ def domain_text_config(tconfig, name):
     return tconfig if name == tconfig["dataset"] else domain_config(tconfig, name)
 
 
+_DIGESTS = {}  # (path, size, mtime_ns) -> sha256: each file hashed once per process
+
+
 def _file_stamp(path):
+    """[name, size, sha256 of the contents]: a fresh copy of the same data (new mtime) keeps its domain models."""
     st = os.stat(path)
-    return [os.path.basename(path), st.st_size, st.st_mtime_ns]
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return [os.path.basename(path), st.st_size, _DIGESTS[key]]
 
 
 def encoder_identity(path):
@@ -53,7 +64,7 @@ def encoder_identity(path):
         return str(path)
     files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".txt",
                                                                                     ".bin", ".model"))
-    return json.dumps([os.path.abspath(path), [_file_stamp(p) for p in files]])
+    return json.dumps([_file_stamp(p) for p in files])  # contents only: the same encoder in another folder is equal
 
 
 def cache_key(dconfig, encoder_path):

@@ -6,8 +6,10 @@
 (2) pseudo-users: every item of each domain as a one-item history, scored by that domain's fine-tuned model;
 (3) only the coefficients are learned, by distilling the teachers' scores into the merged model.
 No real user interaction of any domain is used in (1)–(3). ``merge_learn: false`` gives the training-free merges.
-The merged model is evaluated on every domain of ``merge_domains`` (its own test split and catalogue);
-``dataset`` is the domain reported first (and the one ``run`` returns as test_result).
+The merged model is evaluated on every domain of ``merge_domains`` (its own test split and catalogue; or on
+``dataset`` alone with ``merge_eval_domains: dataset``); ``dataset`` is the domain reported first (and the one
+``run`` returns as test_result). Learned coefficients are kept (``coefficients``) and reused by any later run of
+the same merge, whichever domain it reports.
 """
 import re
 import time
@@ -29,6 +31,7 @@ from recbole_weaverec.model.twotower.trainer import ChunkedEvaluation
 MERGE_INITS = ("task_arithmetic", "ties", "average")
 GRANULARITIES = ("task", "layer")
 LAYER_GROUPINGS = ("others", "modules")
+EVAL_DOMAINS = ("all", "dataset")  # test on every merged domain, or on ``dataset`` alone (one board cell per target)
 VECTOR_DTYPES = ("float32", "bfloat16")  # storage of the stacked task vectors (stacked.VECTOR_DTYPES)
 _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.\d+(?=\.|$)")
 DEFAULT_COEFFICIENT = {"task_arithmetic": 0.2, "ties": 1.0}  # paper's initial values; average: 1/K
@@ -76,7 +79,7 @@ class MergeRecTrainer(ChunkedEvaluation, Trainer):
         kept in ``model.domain_results``)."""
         result = super().evaluate(eval_data, load_best_model, model_file, show_progress)
         pipeline = getattr(self, "pipeline", None)
-        if pipeline is None:
+        if pipeline is None or self.config["merge_eval_domains"] == "dataset":
             return result
         results = {self.config["dataset"]: result}
         results.update(pipeline.evaluate_domains(self.model.tower.encoder.state_dict(), show_progress,
@@ -114,12 +117,14 @@ class MergePipeline:
 
     def run(self, keep_learner=False):
         """Steps (0)–(3); the merged weights end up in ``self.model``. Each domain's fine-tuned state is read, turned
-        into its row of the stacked task vectors (and, when learning, its teacher's embeddings) and dropped before
-        the next; the stacked vectors and the learner go once the merge is built (``keep_learner`` keeps the
-        learner, e.g. to inspect or step it)."""
-        from recbole_weaverec.model.twotower.distill import teacher_embeddings
+        into its row of the stacked task vectors and dropped before the next (learning reads each again for its
+        teacher); the stacked vectors and the learner go once the merge is built (``keep_learner`` keeps the
+        learner, e.g. to inspect or step it, and always learns: saved coefficients are reused only without it)."""
+        from recbole_weaverec.model.twotower.coefficients import (coefficients_path, load_coefficients,
+                                                                  save_coefficients, state_digest)
         from recbole_weaverec.model.twotower.stacked import VECTOR_DTYPES as TORCH_DTYPES, StackedTaskVectors
         from recbole_weaverec.merging import AdapterMismatchError
+        from recbole_weaverec.textembed import resolve_encoder_path
 
         config = self.config
         learn = bool(config["merge_learn"]) and config["merge_steps"] > 0
@@ -131,7 +136,7 @@ class MergePipeline:
         stacked = StackedTaskVectors(base, keys, len(self.domains), group_of if layer else None, device,
                                      dtype=TORCH_DTYPES[config["merge_vector_dtype"]])
         base_meta = encoder_meta(self.model, "pretrained base encoder")
-        first, teachers = None, []
+        first, digests = None, []
         self.timings.update(domain_models_s=0.0, teacher_s=0.0)
         start = time.perf_counter()
         # (0) + (1) domain models, each from its own data only, one at a time -> task vectors
@@ -145,15 +150,10 @@ class MergePipeline:
             except AdapterMismatchError as e:
                 raise DomainModelMismatchError(f"domain {d!r} does not fine-tune the base encoder "
                                                f"{self.model.encoder_path}: {e}") from None
-            if learn:  # (2) domain k's own fine-tuned model = teacher k, run on its weights, not loaded
-                t0 = time.perf_counter()
-                net = self.domain(d)[0]
-                params = {k: v.to(device) for k, v in state.items()}
-                teachers.append(teacher_embeddings(net.tower, net.n_items, net.encode_batch_size, params=params))
-                del params
-                self.timings["teacher_s"] += time.perf_counter() - t0
+            if learn:
+                digests.append(state_digest(state))
             del state
-        self.timings["domain_models_s"] = time.perf_counter() - start - self.timings["teacher_s"]
+        self.timings["domain_models_s"] = time.perf_counter() - start
         method = config["merge_init"]
         stacked.prepare(method, config["merge_density"])
         k = len(self.domains)
@@ -163,9 +163,22 @@ class MergePipeline:
         coefficients = torch.full((k, len(groups)) if layer else (k,), float(value))
         self.groups = groups
 
-        # (3) learn the coefficients from pseudo-users
+        # (3) learn the coefficients from pseudo-users, or read the ones a run of the same merge learned
         if learn:
-            coefficients = self.learn(stacked, coefficients, teachers)
+            path = None if keep_learner else coefficients_path(
+                config, self.tconfig, [domain_text_config(self.tconfig, d) for d in self.domains], digests,
+                resolve_encoder_path(self.tconfig["text_encoder_path"]))
+            saved = load_coefficients(path, coefficients.shape) if path else None
+            if saved is not None:
+                coefficients, info = saved
+                self.best_valid_step = info.get("best_valid_step")
+                self.timings["learn_s"] = 0.0
+                self.logger.info(f"MergeRec: reusing the coefficients learned before for this merge: {path}")
+            else:
+                coefficients = self.learn(stacked, coefficients, self.teachers(device))
+                if path:
+                    save_coefficients(path, coefficients, {"best_valid_step": getattr(self, "best_valid_step", None),
+                                                           "learn_s": self.timings["learn_s"]})
         self.coefficients = coefficients.detach().cpu()
         self.model.tower.encoder.load_state_dict(stacked.state(coefficients.to(device)))
         self.model.invalidate_item_cache()
@@ -175,6 +188,20 @@ class MergePipeline:
             self.learner = None  # frees the stacked task vectors and the teachers' embeddings
         self.logger.info(set_color("MergeRec coefficients", "blue") + f" ({method}, {config['merge_granularity']}, "
                          f"domains {self.domains}): {self._format_coefficients()}")
+
+    def teachers(self, device):
+        """(2) domain k's own fine-tuned model = teacher k: its catalogue embeddings, run on its weights (read again,
+        one domain at a time), not loaded as a model."""
+        from recbole_weaverec.model.twotower.distill import teacher_embeddings
+
+        start, out = time.perf_counter(), []
+        for d, (state, _) in iter_domain_models(self.config, self.tconfig, self.domains, self.show_progress):
+            net = self.domain(d)[0]
+            params = {k: v.to(device) for k, v in state.items()}
+            out.append(teacher_embeddings(net.tower, net.n_items, net.encode_batch_size, params=params))
+            del params, state
+        self.timings["teacher_s"] = time.perf_counter() - start
+        return out
 
     def _format_coefficients(self):
         c = self.coefficients
@@ -297,6 +324,7 @@ class MergeRec(TextSeqRec):
         check_choice(config, "merge_granularity", GRANULARITIES)
         check_choice(config, "merge_layer_groups", LAYER_GROUPINGS)
         check_choice(config, "merge_vector_dtype", VECTOR_DTYPES)
+        check_choice(config, "merge_eval_domains", EVAL_DOMAINS)
         for key in ("merge_learn", "merge_finetune"):
             check_bool(config, key)
         check_number(config, "merge_density", low=0, high=1, low_open=True)
