@@ -17,14 +17,14 @@ from benchmarks.results import write_section  # noqa: E402
 from recbole_weaverec.leaderboard import Leaderboard  # noqa: E402
 from recbole_weaverec.leaderboard.config import load_config  # noqa: E402
 from recbole_weaverec.leaderboard.significance import group_rows, interval, seed_average  # noqa: E402
-from recbole_weaverec.stats import paired_difference, verdict  # noqa: E402
+from recbole_weaverec.stats import domain_average_difference, paired_difference, verdict  # noqa: E402
 
 
 def _values(params):
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (params or {}).items())
 
 
-def report(cfg, protocol, pairs, datasets=None, untuned=()):
+def report(cfg, protocol, pairs, datasets=None, untuned=(), average=False):
     """``untuned``: labels whose rows are their defaults runs (the ``--untuned`` board), e.g. a model whose search
     does not fit the session; every other row is the tuned board's."""
     rows = [r for r in Leaderboard(cfg).rows() if r["label"] not in untuned]
@@ -66,6 +66,17 @@ def report(cfg, protocol, pairs, datasets=None, untuned=()):
             rel = diff["mean"] / float(y["values"].mean()) if y["values"].mean() else float("nan")
             lines.append(f"| {d} | {a} − {b} | {diff['mean']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}] | "
                          f"{rel:+.1%} | {verdict(diff)} |")
+    if average:  # the mean over datasets of each one's mean difference, users resampled within their dataset
+        for a, b in pairs:
+            both = [d for d in datasets if (d, a) in data and (d, b) in data
+                    and data[(d, a)]["users"] == data[(d, b)]["users"]]
+            if len(both) < 2:
+                continue
+            diff = domain_average_difference([data[(d, a)]["values"] - data[(d, b)]["values"] for d in both])
+            base = sum(float(data[(d, b)]["values"].mean()) for d in both) / len(both)
+            lines.append(f"| average of {len(both)} | {a} − {b} | {diff['mean']:+.4f} [{diff['low']:+.4f}, "
+                         f"{diff['high']:+.4f}] | {diff['mean'] / base if base else float('nan'):+.1%} | "
+                         f"{verdict(diff)} |")
     return "\n".join(lines)
 
 
@@ -76,6 +87,8 @@ def main(argv=None):
     p.add_argument("--pair", action="append", default=[], help="A:B, two labels of the board")
     p.add_argument("--dataset", action="append", default=[], help="only this dataset (repeatable)")
     p.add_argument("--untuned", action="append", default=[], help="this label's defaults row (repeatable)")
+    p.add_argument("--average", action="store_true", help="also each pair's mean difference over the datasets that "
+                   "have both rows (every dataset weighs the same; users resampled within their dataset)")
     p.add_argument("--write", action="store_true", help="write the section of benchmarks/RESULTS.md")
     p.add_argument("--note", action="append", default=[], help="a line said under the tables (repeatable): the "
                                                                 "budget, what was not run")
@@ -86,7 +99,7 @@ def main(argv=None):
     bad = [x for x, pair in zip(args.pair, pairs) if len(pair) != 2 or not all(pair)]
     if bad:
         p.error(f"--pair {bad[0]!r}: give two labels of the board as A:B")
-    body = report(cfg, args.protocol, pairs, set(args.dataset), set(args.untuned))
+    body = report(cfg, args.protocol, pairs, set(args.dataset), set(args.untuned), args.average)
     if args.note:
         body += "\n\n" + "\n".join(f"- {line}" for line in args.note)
     print(body)
