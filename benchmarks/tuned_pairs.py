@@ -24,7 +24,7 @@ def _values(params):
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (params or {}).items())
 
 
-def report(cfg, protocol, pairs, datasets=None, untuned=(), average=False):
+def report(cfg, protocol, pairs, datasets=None, untuned=(), average=False, labels_only=()):
     """``untuned``: labels whose rows are their defaults runs (the ``--untuned`` board), e.g. a model whose search
     does not fit the session; every other row is the tuned board's."""
     rows = [r for r in Leaderboard(cfg).rows() if r["label"] not in untuned]
@@ -35,7 +35,8 @@ def report(cfg, protocol, pairs, datasets=None, untuned=(), average=False):
     groups = group_rows(rows)
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     # a row is (label, sources): a merge or cross-domain row carries its sources ("-" for single-domain ones)
-    labels = list(dict.fromkeys((r["label"], r["sources"]) for r in rows if r["status"] == "ok"))
+    labels = list(dict.fromkeys((r["label"], r["sources"]) for r in rows if r["status"] == "ok"
+                                and (not labels_only or r["label"] in labels_only)))
     lines = [f"Protocol `{protocol}`, test {head} (mean ± 95% t interval over users; every cell of a table scores "
              f"the same users). Values chosen on validation (`tuning.trials` = {cfg['tuning']['trials']}).", "",
              "| dataset | model | tuning | chosen | valid score | test " + head + " | time (s) |",
@@ -89,6 +90,8 @@ def main(argv=None):
     p.add_argument("--untuned", action="append", default=[], help="this label's defaults row (repeatable)")
     p.add_argument("--average", action="store_true", help="also each pair's mean difference over the datasets that "
                    "have both rows (every dataset weighs the same; users resampled within their dataset)")
+    p.add_argument("--label", action="append", default=[], help="only this label's rows (repeatable; default: every "
+                   "row; the labels of --pair are always kept)")
     p.add_argument("--write", action="store_true", help="write the section of benchmarks/RESULTS.md")
     p.add_argument("--note", action="append", default=[], help="a line said under the tables (repeatable): the "
                                                                 "budget, what was not run")
@@ -99,7 +102,8 @@ def main(argv=None):
     bad = [x for x, pair in zip(args.pair, pairs) if len(pair) != 2 or not all(pair)]
     if bad:
         p.error(f"--pair {bad[0]!r}: give two labels of the board as A:B")
-    body = report(cfg, args.protocol, pairs, set(args.dataset), set(args.untuned), args.average)
+    keep = set(args.label) | {x for pair in pairs for x in pair} if args.label else set()
+    body = report(cfg, args.protocol, pairs, set(args.dataset), set(args.untuned), args.average, keep)
     if args.note:
         body += "\n\n" + "\n".join(f"- {line}" for line in args.note)
     print(body)
