@@ -58,26 +58,24 @@ def report(cfg, protocol, pairs, datasets=None, untuned=(), average=False, label
                          f"{float(g[0]['valid_score']):.4f} | {shown} | {float(g[0]['wall_s']):.0f} |")
     lines += ["", "Paired differences over users (bootstrap, 10,000 resamples; 'no difference' when the interval "
               "holds 0):", "", "| dataset | difference | mean [95% CI] | relative | verdict |", "|---|---|---|---|---|"]
+    def row(where, a, b, diff, base):
+        rel = diff["mean"] / base if base else float("nan")
+        return (f"| {where} | {a} − {b} | {diff['mean']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}] | "
+                f"{rel:+.1%} | {verdict(diff)} |")
+
+    paired = {}  # (a, b): [(per-user a − b, mean of b)] over the datasets scoring both on the same users
     for d in datasets:
         for a, b in pairs:
             x, y = data.get((d, a)), data.get((d, b))
             if x is None or y is None or x["users"] != y["users"]:
                 continue
-            diff = paired_difference(x["values"], y["values"])
-            rel = diff["mean"] / float(y["values"].mean()) if y["values"].mean() else float("nan")
-            lines.append(f"| {d} | {a} − {b} | {diff['mean']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}] | "
-                         f"{rel:+.1%} | {verdict(diff)} |")
+            paired.setdefault((a, b), []).append((x["values"] - y["values"], float(y["values"].mean())))
+            lines.append(row(d, a, b, paired_difference(x["values"], y["values"]), paired[(a, b)][-1][1]))
     if average:  # the mean over datasets of each one's mean difference, users resampled within their dataset
-        for a, b in pairs:
-            both = [d for d in datasets if (d, a) in data and (d, b) in data
-                    and data[(d, a)]["users"] == data[(d, b)]["users"]]
-            if len(both) < 2:
-                continue
-            diff = domain_average_difference([data[(d, a)]["values"] - data[(d, b)]["values"] for d in both])
-            base = sum(float(data[(d, b)]["values"].mean()) for d in both) / len(both)
-            lines.append(f"| average of {len(both)} | {a} − {b} | {diff['mean']:+.4f} [{diff['low']:+.4f}, "
-                         f"{diff['high']:+.4f}] | {diff['mean'] / base if base else float('nan'):+.1%} | "
-                         f"{verdict(diff)} |")
+        for (a, b), found in paired.items():
+            if len(found) >= 2:
+                diff = domain_average_difference([values for values, _ in found])
+                lines.append(row(f"average of {len(found)}", a, b, diff, sum(m for _, m in found) / len(found)))
     return "\n".join(lines)
 
 
