@@ -46,12 +46,14 @@ class LLMRecommender(ModelHooks, SequentialRecommender):
 
     config_family = "llm"  # defaults: properties/model/base/llm.yaml, then properties/model/NAME.yaml
     uses_sources = False  # models with source domains get the bundled sample's default sources
+    min_epochs = 1  # LLMRec: 0 = the embedded LM as it is (its untrained, zero-shot start)
 
     @classmethod
     def validate_config(cls, config):
         if cls.uses_sources:
             with_sample_sources(config)
-        for key in ("max_history", "max_title_tokens", "lora_r", "epochs", "train_batch_size",
+        check_int(config, "epochs", low=cls.min_epochs)
+        for key in ("max_history", "max_title_tokens", "lora_r", "train_batch_size",
                     "gradient_accumulation_steps", "score_chunk_size", "max_full_sort_items",
                     "score_users_per_batch"):
             check_int(config, key, low=1)
