@@ -122,3 +122,46 @@ def test_csv_columns_follow_the_protocol_metrics(tmp_path):
     with open(tmp_path / "r.csv", newline="") as f:
         header = next(csv.reader(f))
     assert [h for h in header if "@" in h] == ["Recall@5", "NDCG@5", "NDCG@10"]
+
+
+class StopsAfter(Runner):
+    """A Runner whose machine is switched off (SIGTERM arrives as KeyboardInterrupt) at its ``stop``-th call."""
+
+    def __init__(self, stop):
+        super().__init__()
+        self.stop = stop
+
+    def __call__(self, cell):
+        if len(self.calls) + 1 == self.stop:
+            raise KeyboardInterrupt
+        return super().__call__(cell)
+
+
+def test_a_search_stopped_on_one_machine_goes_on_from_the_archive_on_another(tmp_path):
+    space = {"reg_weight": "loguniform 0,9"}  # TPE, not a grid: the replay must propose the same values again
+    cfg = board(tmp_path, seeds=[1], models=[{"model": "EASE", "tune": {"params": space}}],
+                tuning={"trials": 4, "seed": 7})
+    stopped = StopsAfter(3)
+    try:
+        Leaderboard(cfg, runner=stopped).run()
+        raise AssertionError("the run was not interrupted")
+    except KeyboardInterrupt:
+        pass
+    out = tmp_path / "out"
+    archived = {p.name[:-8] for p in (out / "cells").glob("*.json.gz")}
+    assert archived == {c["hash"] for c in stopped.calls} and len(archived) == 2  # the finished trials, no table row
+    assert list((out / "tuned").glob("*.json")) == []  # the search is not finished: no record
+    assert {r["tuning"] for r in _table(tmp_path)} == {"to tune"}
+    shutil.rmtree(out / "cache")  # another machine: the repository's files only
+    resumed = Runner()
+    Leaderboard(cfg, runner=resumed).run()
+    assert len(resumed.calls) == 2 and not {c["hash"] for c in resumed.calls} & archived  # only the 2 missing trials
+    # the same four trials an uninterrupted search on one machine runs
+    whole = Runner()
+    Leaderboard(board(tmp_path / "other", seeds=[1], models=[{"model": "EASE", "tune": {"params": space}}],
+                      tuning={"trials": 4, "seed": 7}), runner=whole).run()
+    assert [c["config"]["reg_weight"] for c in whole.calls] == [
+        c["config"]["reg_weight"] for c in stopped.calls + resumed.calls]
+    record, = [json.loads(p.read_text()) for p in (out / "tuned").glob("*.json")]
+    assert record["trials"] == 4 and record["params"] in [{"reg_weight": c["config"]["reg_weight"]}
+                                                          for c in whole.calls]

@@ -8,7 +8,7 @@ from recbole_weaverec.files import write_text
 from recbole_weaverec.leaderboard.grid import expand_grid, sources_label
 from recbole_weaverec.leaderboard.report import render_markdown, write_charts, write_csv
 from recbole_weaverec.leaderboard.runner import SubprocessRunner
-from recbole_weaverec.leaderboard.tuning import CellCache, Tuner, with_params
+from recbole_weaverec.leaderboard.tuning import CellCache, Tuner, study_name, with_params
 
 
 class Leaderboard:
@@ -85,21 +85,22 @@ class Leaderboard:
         failed = 0
         searches = list({_group(c): self.bases[_group(c)] for c in selected
                          if self.space(c) is not None and self.effective(c)[0] is None}.values())
-        for base in searches:  # each tuned entry's search first, on its first seed (validation scores only)
-            tqdm.write(f"[{base['protocol']}] tuning {base['label']} on {base['dataset']} "
-                       f"(sources: {sources_label(base)}, seed {base['seed']}): {self.tuner.trials} trials",
-                       file=sys.stderr)
-            record = self.tuner.tune(base, self.space(base), log=lambda text: tqdm.write(text, file=sys.stderr))
-            if record["params"] is None:
-                failed += 1
-                tqdm.write(f"  tuning failed: {record['error']}", file=sys.stderr)
-            else:
-                tqdm.write(f"  chosen: {_values(record['params'])} (valid {record['valid_score']:.4f})",
-                           file=sys.stderr)
-        todo = [e for e in (self.effective(c)[0] for c in selected) if e is not None and self.cached(e) is None]
         fresh = {}
-        bar = tqdm(todo, desc=f"leaderboard {self.cfg['name']}", unit="cell", dynamic_ncols=True)
-        try:
+        bar = None
+        try:  # a run stopped during a search still writes its tables and archives the search's finished trials
+            for base in searches:  # each tuned entry's search first, on its first seed (validation scores only)
+                tqdm.write(f"[{base['protocol']}] tuning {base['label']} on {base['dataset']} "
+                           f"(sources: {sources_label(base)}, seed {base['seed']}): {self.tuner.trials} trials",
+                           file=sys.stderr)
+                record = self.tuner.tune(base, self.space(base), log=lambda text: tqdm.write(text, file=sys.stderr))
+                if record["params"] is None:
+                    failed += 1
+                    tqdm.write(f"  tuning failed: {record['error']}", file=sys.stderr)
+                else:
+                    tqdm.write(f"  chosen: {_values(record['params'])} (valid {record['valid_score']:.4f})",
+                               file=sys.stderr)
+            todo = [e for e in (self.effective(c)[0] for c in selected) if e is not None and self.cached(e) is None]
+            bar = tqdm(todo, desc=f"leaderboard {self.cfg['name']}", unit="cell", dynamic_ncols=True)
             for cell in bar:
                 bar.set_postfix_str(f"{cell['protocol']} {cell['label']} {cell['dataset']} seed={cell['seed']}")
                 tqdm.write(f"[{cell['protocol']}] {cell['label']} on {cell['dataset']} "
@@ -112,7 +113,8 @@ class Leaderboard:
                     tqdm.write(f"  failed: {row['error']}", file=sys.stderr)
                 self.write_outputs(fresh, charts=False)  # an interrupted run still leaves its tables
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             self.write_outputs(fresh)
         return failed
 
@@ -161,7 +163,37 @@ class Leaderboard:
         md = render_markdown(rows, self.cfg, charts=names)
         write_text(self.out / "results.md", md)
         if charts:
-            self.archive.write(shown["cells"], shown["tuned"])
+            self.archive.write({**self.unfinished_trials(), **shown["cells"]}, shown["tuned"])
+
+    def unfinished_trials(self):
+        """{hash: row} of the scored trials (in this machine's cache) of the searches that have not finished. They
+        are archived with the tables, so a search stopped on one machine goes on from the repository on another:
+        the seeded sampler proposes the same values again there (its seed follows the trial count), and each
+        archived trial is then found instead of run. Finished searches keep only their chosen trial (a shown cell)."""
+        storage = self.tuner.storage
+        if not self.tuned or ("://" not in storage and not Path(storage).is_file()):
+            return {}
+        import optuna
+        from optuna.trial import TrialState
+
+        from recbole_weaverec.tune.study import storage_url
+
+        out = {}
+        for base in self.bases.values():
+            space = self.space(base)
+            if space is None or not base["available"] or self.tuner.chosen(base, space) is not None:
+                continue
+            try:
+                study = optuna.load_study(study_name=study_name(base, space, self.tuner.seed),
+                                          storage=storage_url(storage))
+            except KeyError:  # never started here
+                continue
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                key = trial.user_attrs.get("hash")
+                row = self.store.get({"hash": key}) if isinstance(key, str) else None
+                if row is not None and row.get("status") == "ok":
+                    out[key] = row
+        return out
 
 
 def _group(cell):
