@@ -394,6 +394,6 @@ def _tuned_section(groups, cfg):
     out += [f"- {label} searched: `{_settings(space.describe())}`" for label, space in spaces.items()]
     if tuned:
         out += ["", "| table | model | sources | dataset | chosen |", "|---|---|---|---|---|"]
-        out += [f"| {p} | {label} | {src} | {d} | `{_settings(g['tuned_params'])}` |"
+        out += [f"| {p} | {label} | {src} | {d} | `{_settings(dict(sorted(g['tuned_params'].items())))}` |"
                 for (p, d, label, src), g in tuned]
     return out
