@@ -235,7 +235,7 @@ def _run_nproc_2(cfg, folder, capfd):
             if attempt == 2 or e.signal_name is None:
                 raise
             said = [line for line in capfd.readouterr().err.splitlines()
-                    if any(k in line for k in ("terminate", "what()", "Error", "error", "abort", "Abort"))]
+                    if any(k in line.lower() for k in ("terminate", "what()", "error", "abort"))]
             warnings.warn(f"run(nproc=2): process {e.error_index} died of {e.signal_name}; ran it again. "
                           f"Its stderr said: {said[-8:]}")
             os.chdir(folder.parent)
